@@ -1,0 +1,38 @@
+"""bptt_jax: recurrent networks in JAX, trained with backpropagation through time."""
+
+from bptt_jax._cells import Cell as Cell
+from bptt_jax._cells import LSTMState as LSTMState
+from bptt_jax._cells import as_cell as as_cell
+from bptt_jax._cells import from_flax as from_flax
+from bptt_jax._cells import gru as gru
+from bptt_jax._cells import irnn as irnn
+from bptt_jax._cells import lstm as lstm
+from bptt_jax._cells import rnn as rnn
+from bptt_jax._cells import stack as stack
+from bptt_jax._gradients import RNNGrads as RNNGrads
+from bptt_jax._gradients import gradient_flow as gradient_flow
+from bptt_jax._gradients import jacobian_norms as jacobian_norms
+from bptt_jax._gradients import rnn_bptt as rnn_bptt
+from bptt_jax._gradients import rnn_value_and_grad as rnn_value_and_grad
+from bptt_jax._losses import final_loss as final_loss
+from bptt_jax._losses import init_readout as init_readout
+from bptt_jax._losses import last_step as last_step
+from bptt_jax._losses import mse as mse
+from bptt_jax._losses import readout as readout
+from bptt_jax._losses import sequence_loss as sequence_loss
+from bptt_jax._losses import sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy
+from bptt_jax._losses import softmax_cross_entropy as softmax_cross_entropy
+from bptt_jax._unroll import bidirectional as bidirectional
+from bptt_jax._unroll import default_hoist as default_hoist
+from bptt_jax._unroll import length_mask as length_mask
+from bptt_jax._unroll import unroll as unroll
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Cell", "LSTMState", "RNNGrads", "as_cell", "bidirectional", "default_hoist",
+    "final_loss", "from_flax", "gradient_flow", "gru", "init_readout", "irnn",
+    "jacobian_norms", "last_step", "length_mask", "lstm", "mse", "readout", "rnn",
+    "rnn_bptt", "rnn_value_and_grad", "sequence_loss",
+    "sigmoid_binary_cross_entropy", "softmax_cross_entropy", "stack", "unroll",
+]

@@ -1,0 +1,249 @@
+"""Explicit BPTT for the vanilla RNN and gradient-flow diagnostics for any cell."""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from bptt_jax._cells import _ACTIVATIONS, as_cell
+from bptt_jax._unroll import (_check_feature_size, check_inputs, check_lengths,
+                              length_mask)
+
+Array = jax.Array
+
+
+class RNNGrads(NamedTuple):
+  """What :func:`rnn_bptt` returns.
+
+  Attributes:
+    grads: ``{"W": [D, H], "U": [H, H], "b": [H]}``, summed over every step.
+    dcarry: ``dL/dh_0`` for the initial carry, ``[B, H]``.
+    dh: ``dL/dh_t`` (total: the loss at ``t`` and everything after it),
+      ``[B, T, H]``.
+    per_step: ``None``, or the contribution of each step to ``grads``:
+      ``{"W": [T, D, H], "U": [T, H, H], "b": [T, H]}``; summed over ``T`` it
+      gives ``grads``.
+  """
+
+  grads: dict
+  dcarry: Array
+  dh: Array
+  per_step: dict | None
+
+
+def _rnn_forward(params, xs_tm, h0, f, mask_tm):
+  def body(h, inp):
+    x_t, m_t = inp
+    h_new = f(x_t @ params["W"] + h @ params["U"] + params["b"])
+    h_new = jnp.where(m_t[:, None], h_new, h)
+    return h_new, h_new
+  _, hs = jax.lax.scan(body, h0, (xs_tm, mask_tm))
+  return hs
+
+
+def rnn_bptt(params, xs, dhs, *, activation: str = "tanh", carry=None,
+             lengths=None, per_step: bool = False) -> RNNGrads:
+  r"""Backpropagation through time for ``h_t = f(x_t W + h_{t-1} U + b)``, by hand.
+
+  A reverse ``lax.scan`` from ``t = T`` down to 1 (min-char-rnn's backward
+  pass, done over a batch and accumulated correctly)::
+
+      dh = dhs[t] + dh_next              # loss at t, and everything after t
+      da = dh * f'(a_t)                  # tanh: 1 - h_t**2;  relu: h_t > 0
+      dW += x_t^T da;  dU += h_{t-1}^T da;  db += sum_b da
+      dh_next = da U^T
+
+  The forward states are recomputed from ``xs``. Padded steps (``t >=
+  lengths[b]``) copy the carry forward, so their gradient passes straight
+  through and they contribute nothing to ``dW``, ``dU``, ``db``.
+
+  Args:
+    params: ``{"W": [D, H], "U": [H, H], "b": [H]}`` (e.g. from
+      ``bptt_jax.rnn(H).init``; layer norm is not supported here).
+    xs: inputs ``[B, T, D]``.
+    dhs: the direct gradient of the loss with respect to each output,
+      ``dL_t/dh_t`` ``[B, T, H]`` (e.g. ``jax.grad`` of the loss with respect to
+      the hidden states, with no path through time).
+    activation: ``"tanh"`` or ``"relu"``.
+    carry: initial hidden state ``[B, H]``; zeros by default.
+    lengths: optional ``[B]`` valid lengths.
+    per_step: also return each step's contribution to the weight gradients.
+
+  Returns:
+    :class:`RNNGrads`.
+
+  Raises:
+    ValueError: unknown activation, or shapes that do not fit the params.
+  """
+  if activation not in _ACTIVATIONS:
+    raise ValueError(
+        f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
+  for key in ("W", "U", "b"):
+    if key not in params:
+      raise ValueError(f"params must hold W, U and b, missing {key!r}")
+  check_inputs(xs)
+  B, T, D = xs.shape
+  H = params["U"].shape[0]
+  if params["W"].shape != (D, H):
+    raise ValueError(
+        f"W must be [D, H] = {(D, H)} for inputs with D = {D}, got "
+        f"{tuple(params['W'].shape)}")
+  if tuple(dhs.shape) != (B, T, H):
+    raise ValueError(f"dhs must be [B, T, H] = {(B, T, H)}, got {tuple(dhs.shape)}")
+  h0 = jnp.zeros((B, H), xs.dtype) if carry is None else carry
+  if lengths is None:
+    mask = jnp.ones((B, T), bool)
+  else:
+    mask = length_mask(check_lengths(lengths, B, T), T)
+
+  f = _ACTIVATIONS[activation]
+  xs_tm, dhs_tm, mask_tm = (jnp.swapaxes(a, 0, 1) for a in (xs, dhs, mask))
+  hs_tm = _rnn_forward(params, xs_tm, h0, f, mask_tm)
+  hprev_tm = jnp.concatenate([h0[None], hs_tm[:-1]], axis=0)
+  if activation == "tanh":
+    fprime_tm = 1.0 - hs_tm ** 2
+  else:
+    fprime_tm = (hs_tm > 0).astype(hs_tm.dtype)
+  U_T = params["U"].T
+
+  def back(c, inp):
+    dh_next, acc = c
+    x_t, h_prev, fp, g_t, m_t = inp
+    dh = g_t + dh_next
+    da = jnp.where(m_t[:, None], dh * fp, 0.0)
+    step = {"W": x_t.T @ da, "U": h_prev.T @ da, "b": jnp.sum(da, axis=0)}
+    acc = jax.tree_util.tree_map(jnp.add, acc, step)
+    # A padded step copied h_{t-1} into h_t: its gradient flows through as is.
+    dh_prev = da @ U_T + jnp.where(m_t[:, None], 0.0, dh)
+    return (dh_prev, acc), (dh, step if per_step else None)
+
+  zeros = jax.tree_util.tree_map(jnp.zeros_like,
+                                 {k: params[k] for k in ("W", "U", "b")})
+  (dh0, grads), (dh_tm, steps) = jax.lax.scan(
+      back, (jnp.zeros_like(h0), zeros),
+      (xs_tm, hprev_tm, fprime_tm, dhs_tm, mask_tm), reverse=True)
+  return RNNGrads(grads, dh0, jnp.swapaxes(dh_tm, 0, 1), steps)
+
+
+def rnn_value_and_grad(params, xs, loss_of_hs: Callable[[Array], Array], *,
+                       activation: str = "tanh", carry=None, lengths=None,
+                       per_step: bool = False):
+  """Loss and explicit-BPTT gradients of ``loss_of_hs(hs)`` for a vanilla RNN.
+
+  Runs the forward pass, takes the direct gradients ``dL/dh_t`` of
+  ``loss_of_hs`` with respect to the hidden states ``[B, T, H]`` (no path
+  through time), and hands them to :func:`rnn_bptt`.
+
+  Returns:
+    ``(loss, RNNGrads)``.
+  """
+  check_inputs(xs)
+  B, T, _ = xs.shape
+  H = params["U"].shape[0]
+  h0 = jnp.zeros((B, H), xs.dtype) if carry is None else carry
+  mask = (jnp.ones((B, T), bool) if lengths is None
+          else length_mask(check_lengths(lengths, B, T), T))
+  if activation not in _ACTIVATIONS:
+    raise ValueError(
+        f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
+  hs_tm = _rnn_forward(params, jnp.swapaxes(xs, 0, 1), h0,
+                       _ACTIVATIONS[activation], jnp.swapaxes(mask, 0, 1))
+  hs = jnp.where(mask[..., None], jnp.swapaxes(hs_tm, 0, 1), 0.0)
+  loss, dhs = jax.value_and_grad(loss_of_hs)(hs)
+  return loss, rnn_bptt(params, xs, dhs, activation=activation, carry=h0,
+                        lengths=lengths, per_step=per_step)
+
+
+def _perturbed_unroll(cell, params, xs_tm, eps, carry, mask_tm):
+  """Unroll in which ``eps[t]`` is added to the carry right after step ``t``."""
+
+  def body(c, inp):
+    x_t, e_t, m_t = inp
+    new_c, _ = cell.step(params, c, x_t)
+    new_c = jax.tree_util.tree_map(jnp.add, new_c, e_t)
+    new_c = jax.tree_util.tree_map(
+        lambda n, o: jnp.where(m_t.reshape((-1,) + (1,) * (n.ndim - 1)), n, o),
+        new_c, c)
+    h = cell.hidden(new_c)
+    return new_c, jnp.where(m_t[:, None], h, 0.0)
+
+  final, hs_tm = jax.lax.scan(body, carry, (xs_tm, eps, mask_tm))
+  return final, hs_tm
+
+
+def _prepare(cell, params, xs, carry, lengths):
+  cell = as_cell(cell)
+  check_inputs(xs)
+  B, T, _ = xs.shape
+  _check_feature_size(cell, params, xs)
+  if carry is None:
+    if cell.initial_carry is None:
+      raise ValueError(f"{cell.name} has no initial_carry: pass carry=")
+    carry = cell.initial_carry(B, xs.dtype)
+  mask = (jnp.ones((B, T), bool) if lengths is None
+          else length_mask(check_lengths(lengths, B, T), T))
+  eps = jax.tree_util.tree_map(
+      lambda leaf: jnp.zeros((T,) + leaf.shape, leaf.dtype), carry)
+  return cell, jnp.swapaxes(xs, 0, 1), carry, jnp.swapaxes(mask, 0, 1), eps
+
+
+def _norms(cell, deps_tm):
+  """``[T, B, H]`` gradient (read with ``cell.hidden``) -> ``[B, T]`` norms."""
+  g = jax.vmap(cell.hidden)(deps_tm)
+  return jnp.swapaxes(jnp.sqrt(jnp.sum(g ** 2, axis=-1)), 0, 1)
+
+
+def gradient_flow(cell, params, xs, loss_of_hs: Callable[[Array], Array], *,
+                  carry=None, lengths=None):
+  """The norm of ``dL/dh_t`` at every step, from one backward pass.
+
+  ``dL/dh_t`` is the total derivative of the loss with respect to the hidden
+  state at step ``t`` (the loss at ``t`` and everything after it, through the
+  recurrence) — the quantity that vanishes or explodes as ``T - t`` grows
+  (Bengio et al. 1994; Pascanu et al. 2013). It is measured by adding a zero
+  perturbation to the carry after every step and differentiating the loss with
+  respect to it; for an LSTM it is the ``h`` part (``c`` held fixed).
+
+  Args:
+    cell: any cell (a user cell needs ``hidden``, default: the carry itself).
+    params: its params.
+    xs: ``[B, T, D]``.
+    loss_of_hs: ``loss_of_hs(hs [B, T, H]) -> scalar``.
+    carry: initial carry; zeros by default.
+    lengths: optional ``[B]``.
+
+  Returns:
+    ``(loss, norms)`` with ``norms`` ``[B, T]``: ``||dL/dh_t||`` per sequence.
+  """
+  cell, xs_tm, carry, mask_tm, eps = _prepare(cell, params, xs, carry, lengths)
+
+  def loss_of_eps(eps):
+    _, hs_tm = _perturbed_unroll(cell, params, xs_tm, eps, carry, mask_tm)
+    return loss_of_hs(jnp.swapaxes(hs_tm, 0, 1))
+
+  loss, deps = jax.value_and_grad(loss_of_eps)(eps)
+  return loss, _norms(cell, deps)
+
+
+def jacobian_norms(cell, params, xs, *, carry=None, lengths=None) -> Array:
+  """Frobenius norm of ``dh_T/dh_t`` for every ``t``: ``[B, T]``.
+
+  ``h_T`` is each sequence's final hidden state (at its own length). One
+  backward pass per hidden unit (``vmap`` over the rows of the Jacobian).
+  """
+  cell, xs_tm, carry, mask_tm, eps = _prepare(cell, params, xs, carry, lengths)
+
+  def final_h(eps):
+    final, _ = _perturbed_unroll(cell, params, xs_tm, eps, carry, mask_tm)
+    return cell.hidden(final)  # [B, H]
+
+  h_T, vjp = jax.vjp(final_h, eps)
+  H = h_T.shape[-1]
+  rows = jnp.eye(H, dtype=h_T.dtype)[:, None, :] * jnp.ones_like(h_T)[None]
+
+  def row(v):
+    return _norms(cell, vjp(v)[0]) ** 2  # [B, T]
+
+  return jnp.sqrt(jnp.sum(jax.lax.map(row, rows), axis=0))

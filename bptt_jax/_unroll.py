@@ -1,0 +1,262 @@
+"""Running a cell over time with ``jax.lax.scan``."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bptt_jax._cells import Cell, as_cell
+
+Array = jax.Array
+
+
+def _is_concrete(x) -> bool:
+  return not isinstance(x, jax.core.Tracer)
+
+
+def check_inputs(xs, name="xs", *, ndim=3) -> None:
+  """Raises ``ValueError``/``TypeError`` unless ``xs`` is a float array of rank ``ndim``."""
+  if not hasattr(xs, "shape") or not hasattr(xs, "dtype"):
+    raise TypeError(f"{name} must be an array, got {type(xs).__name__}")
+  if xs.ndim != ndim:
+    raise ValueError(
+        f"{name} must have rank {ndim} ([B, T, D] batch-major or [T, B, D] "
+        f"time-major), got shape {tuple(xs.shape)}"
+    )
+
+
+def check_lengths(lengths, batch_size: int, num_steps: int) -> Array:
+  """Checks ``lengths`` ``[B]`` against ``B`` and ``T``; returns it as int32.
+
+  Raises:
+    TypeError: non-integer lengths.
+    ValueError: wrong shape, or (when the values are known at trace time) a
+      length outside ``[0, T]``.
+  """
+  if not hasattr(lengths, "shape"):
+    lengths = np.asarray(lengths)
+  if not jnp.issubdtype(lengths.dtype, jnp.integer):
+    raise TypeError(f"lengths must be integers, got dtype {lengths.dtype}")
+  if tuple(lengths.shape) != (batch_size,):
+    raise ValueError(
+        f"lengths must have shape [B] = ({batch_size},), got {tuple(lengths.shape)}"
+    )
+  if _is_concrete(lengths):
+    values = np.asarray(lengths)
+    if values.size and (values.min() < 0 or values.max() > num_steps):
+      raise ValueError(
+          f"lengths must lie in [0, T] = [0, {num_steps}], got values from "
+          f"{values.min()} to {values.max()}"
+      )
+  return jnp.asarray(lengths, jnp.int32)
+
+
+def length_mask(lengths: Array, num_steps: int) -> Array:
+  """``[B, T]`` boolean mask, true where ``t < lengths[b]``."""
+  return jnp.arange(num_steps)[None, :] < lengths[:, None]
+
+
+def _check_feature_size(cell: Cell, params, xs) -> None:
+  if cell.input_size is None:
+    return
+  expected = cell.input_size(params)
+  if expected is not None and xs.shape[-1] != expected:
+    raise ValueError(
+        f"{cell.name}: inputs have {xs.shape[-1]} features but the params expect "
+        f"D = {expected}"
+    )
+
+
+def _flip_within_lengths(xs_tm: Array, lengths: Array) -> Array:
+  """Reverses each sequence of a time-major ``[T, B, ...]`` array within its length."""
+  T = xs_tm.shape[0]
+  t = jnp.arange(T)[:, None]
+  idx = jnp.where(t < lengths[None, :], lengths[None, :] - 1 - t, t)  # [T, B]
+  idx = idx.reshape(idx.shape + (1,) * (xs_tm.ndim - 2))
+  return jnp.take_along_axis(xs_tm, idx, axis=0)
+
+
+def _where_tree(mask, new, old):
+  return jax.tree_util.tree_map(
+      lambda n, o: jnp.where(mask.reshape(mask.shape + (1,) * (n.ndim - 1)), n, o),
+      new, old)
+
+
+def default_hoist() -> bool:
+  """Whether to hoist the input projection out of the scan by default.
+
+  Hoisted (one ``[T*B, D] x [D, G*H]`` matmul before the loop) on GPU and TPU,
+  as cuDNN does; per step inside the loop on CPU, where it measured faster.
+  """
+  return jax.default_backend() != "cpu"
+
+
+def _segments(num_steps: int, remat) -> int:
+  if remat is None or remat is False:
+    return 1
+  if remat is True or remat == "sqrt":
+    return max(1, int(round(math.sqrt(num_steps))))
+  if isinstance(remat, int) and not isinstance(remat, bool) and remat > 0:
+    return min(remat, max(num_steps, 1))
+  raise ValueError(
+      f"remat must be None, True, 'sqrt' or a positive number of segments, got {remat!r}"
+  )
+
+
+def unroll(cell, params, xs, *, lengths=None, carry=None, time_major: bool = False,
+           reverse: bool = False, hoist: bool | None = None, unroll: int = 1,
+           remat=None):
+  """Runs ``cell`` over the time axis of ``xs`` with one ``jax.lax.scan``.
+
+  Equivalent Python loop (batch-major, no lengths, forward)::
+
+      carry = cell.initial_carry(B) if carry is None else carry
+      for t in range(T):
+        carry, hs[:, t] = cell.step(params, carry, xs[:, t])
+      return carry, hs
+
+  With ``lengths`` (right-padded batches) sequence ``b`` is stepped only for
+  ``t < lengths[b]``: its carry stops changing after its last valid step (so the
+  returned carry is the state at each sequence's own end) and its outputs are
+  zero from there on. With ``reverse=True`` each sequence is read from its own
+  last valid step back to step 0 and the outputs are returned in the original
+  order (``hs[:, t]`` is the state after reading ``x_{T-1}`` ... ``x_t``).
+
+  Args:
+    cell: a :class:`Cell`, or a step function ``step(params, carry, x_t) ->
+      (carry, h_t)`` (then ``carry`` is required).
+    params: the cell's params.
+    xs: inputs ``[B, T, D]`` (or ``[T, B, D]`` with ``time_major=True``).
+    lengths: optional ``[B]`` integers in ``[0, T]``.
+    carry: initial carry; zeros (``cell.initial_carry``) by default.
+    time_major: take and return time-major arrays.
+    reverse: run from the end of each sequence to its start.
+    hoist: compute the input projection for all steps in one matmul before the
+      loop (``True``) or per step inside it (``False``); default
+      :func:`default_hoist`. Ignored for cells without a separate projection.
+    unroll: passed to ``jax.lax.scan``.
+    remat: memory-saving BPTT (Chen et al. 2016; Gruslys et al. 2016): split
+      the ``T`` steps into segments (``"sqrt"``/``True`` for about ``sqrt(T)``,
+      or an int), keep only the carry at each segment boundary for the backward
+      pass, and recompute inside a segment. Same values and gradients.
+
+  Returns:
+    ``(final_carry, hs)`` with ``hs`` ``[B, T, H]`` (``[T, B, H]`` if
+    ``time_major``).
+
+  Raises:
+    TypeError, ValueError: wrong rank, feature size, lengths shape/values, a
+      missing carry for a cell without ``initial_carry``.
+  """
+  cell = as_cell(cell)
+  check_inputs(xs)
+  xs_tm = xs if time_major else jnp.swapaxes(xs, 0, 1)
+  T, B = xs_tm.shape[:2]
+  _check_feature_size(cell, params, xs_tm)
+  if carry is None:
+    if cell.initial_carry is None:
+      raise ValueError(
+          f"{cell.name} has no initial_carry: pass carry= to unroll"
+      )
+    carry = cell.initial_carry(B, xs.dtype)
+  else:
+    for leaf in jax.tree_util.tree_leaves(carry):
+      if leaf.shape[0] != B:
+        raise ValueError(
+            f"carry has batch size {leaf.shape[0]} but xs has B = {B}"
+        )
+  if lengths is not None:
+    lengths = check_lengths(lengths, B, T)
+  if hoist is None:
+    hoist = default_hoist()
+
+  if cell.project is not None and hoist:
+    inputs, body_step = cell.project(params, xs_tm), cell.recur
+  else:
+    inputs, body_step = xs_tm, cell.step
+
+  if reverse and lengths is not None:
+    inputs = _flip_within_lengths(inputs, lengths)
+    scan_reverse = False
+  else:
+    scan_reverse = reverse
+
+  if lengths is None:
+    def body(c, x_t):
+      return body_step(params, c, x_t)
+    scanned = inputs
+  else:
+    def body(c, inp):
+      x_t, m_t = inp
+      new_c, h_t = body_step(params, c, x_t)
+      return _where_tree(m_t, new_c, c), jnp.where(m_t[:, None], h_t, 0)
+    scanned = (inputs, jnp.swapaxes(length_mask(lengths, T), 0, 1))
+
+  carry, hs = _segmented_scan(body, carry, scanned, T, _segments(T, remat),
+                              reverse=scan_reverse, unroll=unroll)
+  if reverse and lengths is not None:
+    hs = _flip_within_lengths(hs, lengths)
+  return carry, (hs if time_major else jnp.swapaxes(hs, 0, 1))
+
+
+def _segmented_scan(body, carry, xs, T, segments, *, reverse, unroll):
+  """``lax.scan(body, carry, xs)``, rematerialized per segment if ``segments > 1``."""
+  if segments <= 1:
+    return jax.lax.scan(body, carry, xs, reverse=reverse, unroll=unroll)
+  size = -(-T // segments)
+  segments = -(-T // size)
+  pad = segments * size - T
+  # Padded steps run at the end of the pass (after the data when forward,
+  # before it when reverse) and are discarded: the carry skips them.
+  valid = jnp.arange(segments * size) < T
+  if reverse:
+    valid = valid[::-1]
+
+  def pad_leaf(a):
+    widths = [(pad, 0) if reverse else (0, pad)] + [(0, 0)] * (a.ndim - 1)
+    return jnp.pad(a, widths)
+
+  xs = jax.tree_util.tree_map(pad_leaf, xs)
+  xs = jax.tree_util.tree_map(
+      lambda a: a.reshape((segments, size) + a.shape[1:]), (xs, valid))
+
+  def masked_body(c, inp):
+    x_t, ok = inp
+    new_c, h_t = body(c, x_t)
+    return jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new_c, c), h_t
+
+  @jax.checkpoint
+  def segment(c, seg):
+    return jax.lax.scan(masked_body, c, seg, reverse=reverse, unroll=unroll)
+
+  carry, hs = jax.lax.scan(segment, carry, xs, reverse=reverse)
+  hs = jax.tree_util.tree_map(
+      lambda a: a.reshape((segments * size,) + a.shape[2:]), hs)
+  hs = jax.tree_util.tree_map(lambda a: a[pad:] if reverse else a[:T], hs)
+  return carry, hs
+
+
+def bidirectional(forward_cell, backward_cell, params, xs, *, lengths=None,
+                  carry=None, **kwargs):
+  """Runs one cell forward and one backward over ``xs``; concatenates outputs.
+
+  Args:
+    forward_cell, backward_cell: cells.
+    params: ``(forward_params, backward_params)``.
+    xs: ``[B, T, D]``.
+    lengths: optional ``[B]``; the backward cell starts at each sequence's end.
+    carry: optional ``(forward_carry, backward_carry)``.
+    **kwargs: passed to :func:`unroll`.
+
+  Returns:
+    ``((forward_carry, backward_carry), hs)`` with ``hs`` ``[B, T, H_f + H_b]``.
+  """
+  fc, bc = (None, None) if carry is None else carry
+  f_carry, f_hs = unroll(forward_cell, params[0], xs, lengths=lengths,
+                         carry=fc, **kwargs)
+  b_carry, b_hs = unroll(backward_cell, params[1], xs, lengths=lengths,
+                         carry=bc, reverse=True, **kwargs)
+  return (f_carry, b_carry), jnp.concatenate([f_hs, b_hs], axis=-1)
