@@ -9,6 +9,13 @@ from bptt_jax._cells import irnn as irnn
 from bptt_jax._cells import lstm as lstm
 from bptt_jax._cells import rnn as rnn
 from bptt_jax._cells import stack as stack
+from bptt_jax import data as data
+from bptt_jax._checkpoint import CheckpointError as CheckpointError
+from bptt_jax._checkpoint import restore_latest as restore_latest
+from bptt_jax._checkpoint import save as save_checkpoint
+from bptt_jax._checkpoint import load as load_checkpoint
+from bptt_jax._fit import NonFiniteError as NonFiniteError
+from bptt_jax._fit import fit as fit
 from bptt_jax._gradients import RNNGrads as RNNGrads
 from bptt_jax._gradients import gradient_flow as gradient_flow
 from bptt_jax._gradients import jacobian_norms as jacobian_norms
@@ -22,6 +29,12 @@ from bptt_jax._losses import readout as readout
 from bptt_jax._losses import sequence_loss as sequence_loss
 from bptt_jax._losses import sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy
 from bptt_jax._losses import softmax_cross_entropy as softmax_cross_entropy
+from bptt_jax._training import TrainState as TrainState
+from bptt_jax._training import apply_gradients as apply_gradients
+from bptt_jax._training import guard as guard
+from bptt_jax._training import optimizer as optimizer
+from bptt_jax._training import train_step as train_step
+from bptt_jax._truncated import tbptt_step as tbptt_step
 from bptt_jax._unroll import bidirectional as bidirectional
 from bptt_jax._unroll import default_hoist as default_hoist
 from bptt_jax._unroll import length_mask as length_mask
@@ -30,9 +43,10 @@ from bptt_jax._unroll import unroll as unroll
 __version__ = "0.1.0"
 
 __all__ = [
-    "Cell", "LSTMState", "RNNGrads", "as_cell", "bidirectional", "default_hoist",
-    "final_loss", "from_flax", "gradient_flow", "gru", "init_readout", "irnn",
-    "jacobian_norms", "last_step", "length_mask", "lstm", "mse", "readout", "rnn",
+    "Cell", "CheckpointError", "LSTMState", "NonFiniteError", "data", "fit",
+    "load_checkpoint", "restore_latest", "save_checkpoint", "RNNGrads", "TrainState", "apply_gradients", "as_cell", "bidirectional", "default_hoist",
+    "final_loss", "from_flax", "gradient_flow", "gru", "guard", "init_readout", "irnn",
+    "jacobian_norms", "last_step", "length_mask", "lstm", "mse", "optimizer", "readout", "rnn",
     "rnn_bptt", "rnn_value_and_grad", "sequence_loss",
-    "sigmoid_binary_cross_entropy", "softmax_cross_entropy", "stack", "unroll",
+    "sigmoid_binary_cross_entropy", "softmax_cross_entropy", "stack", "tbptt_step", "train_step", "unroll",
 ]

@@ -164,14 +164,19 @@ def _layer_norm(a, gain, bias):
   """Layer normalization over the last axis (Ba et al. 2016)."""
   mean = jnp.mean(a, axis=-1, keepdims=True)
   var = jnp.mean(jnp.square(a - mean), axis=-1, keepdims=True)
-  return (a - mean) * jax.lax.rsqrt(var + _LN_EPS) * gain + bias
+  return (a - mean) * jax.lax.rsqrt(var + _LN_EPS) * _row(gain, a) + _row(bias, a)
+
+
+def _row(v, like):
+  """``v`` ``[N]`` reshaped to ``[1, ..., 1, N]`` (rank of ``like``): an explicit broadcast."""
+  return jnp.reshape(v, (1,) * (like.ndim - 1) + v.shape)
 
 
 def _project(params, xs, layer_norm):
   xw = xs @ params["W"]
   if layer_norm:
     xw = _layer_norm(xw, params["g_x"], params["beta_x"])
-  return xw + params["b"]
+  return xw + _row(params["b"], xw)
 
 
 def _hu(params, h, layer_norm):
@@ -373,7 +378,7 @@ def gru(hidden_size: int, *, layer_norm: bool = False,
     u_r, u_z, u_n = jnp.split(u, 3, axis=-1)
     r = jax.nn.sigmoid(a_r + u_r)
     z = jax.nn.sigmoid(a_z + u_z)
-    n = jnp.tanh(a_n + r * (u_n + params["b_hn"]))
+    n = jnp.tanh(a_n + r * (u_n + _row(params["b_hn"], u_n)))
     h = (1.0 - z) * n + z * h
     return h, h
 

@@ -36,7 +36,7 @@ class RNNGrads(NamedTuple):
 def _rnn_forward(params, xs_tm, h0, f, mask_tm):
   def body(h, inp):
     x_t, m_t = inp
-    h_new = f(x_t @ params["W"] + h @ params["U"] + params["b"])
+    h_new = f(x_t @ params["W"] + h @ params["U"] + params["b"][None])
     h_new = jnp.where(m_t[:, None], h_new, h)
     return h_new, h_new
   _, hs = jax.lax.scan(body, h0, (xs_tm, mask_tm))
@@ -114,7 +114,7 @@ def rnn_bptt(params, xs, dhs, *, activation: str = "tanh", carry=None,
     dh = g_t + dh_next
     da = jnp.where(m_t[:, None], dh * fp, 0.0)
     step = {"W": x_t.T @ da, "U": h_prev.T @ da, "b": jnp.sum(da, axis=0)}
-    acc = jax.tree_util.tree_map(jnp.add, acc, step)
+    acc = jax.tree_util.tree_map(lambda a, s: a + s.astype(a.dtype), acc, step)
     # A padded step copied h_{t-1} into h_t: its gradient flows through as is.
     dh_prev = da @ U_T + jnp.where(m_t[:, None], 0.0, dh)
     return (dh_prev, acc), (dh, step if per_step else None)

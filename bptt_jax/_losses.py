@@ -43,7 +43,7 @@ def readout(params, hs: Array) -> Array:
         f"readout expects hidden states [..., H] with H = {W.shape[0]}, got shape "
         f"{tuple(hs.shape)}"
     )
-  return hs @ W + params["b_y"]
+  return hs @ W + jnp.reshape(params["b_y"], (1,) * (hs.ndim - 1) + (-1,))
 
 
 def mse(preds: Array, targets: Array) -> Array:

@@ -106,7 +106,8 @@ def _segments(num_steps: int, remat) -> int:
   )
 
 
-def unroll(cell, params, xs, *, lengths=None, carry=None, time_major: bool = False,
+def unroll(cell, params, xs, *, lengths=None, mask=None, carry=None,
+           time_major: bool = False,
            reverse: bool = False, hoist: bool | None = None, unroll: int = 1,
            remat=None):
   """Runs ``cell`` over the time axis of ``xs`` with one ``jax.lax.scan``.
@@ -131,6 +132,9 @@ def unroll(cell, params, xs, *, lengths=None, carry=None, time_major: bool = Fal
     params: the cell's params.
     xs: inputs ``[B, T, D]`` (or ``[T, B, D]`` with ``time_major=True``).
     lengths: optional ``[B]`` integers in ``[0, T]``.
+    mask: optional ``[B, T]`` booleans, a general form of ``lengths``: sequence
+      ``b`` is stepped at ``t`` only where ``mask[b, t]``; elsewhere its carry is
+      kept and its output is zero. Not with ``reverse``.
     carry: initial carry; zeros (``cell.initial_carry``) by default.
     time_major: take and return time-major arrays.
     reverse: run from the end of each sequence to its start.
@@ -168,8 +172,17 @@ def unroll(cell, params, xs, *, lengths=None, carry=None, time_major: bool = Fal
         raise ValueError(
             f"carry has batch size {leaf.shape[0]} but xs has B = {B}"
         )
+  if lengths is not None and mask is not None:
+    raise ValueError("give lengths or mask, not both")
   if lengths is not None:
     lengths = check_lengths(lengths, B, T)
+    mask = length_mask(lengths, T)
+  elif mask is not None:
+    if reverse:
+      raise ValueError("reverse=True needs lengths, not a general mask")
+    if tuple(mask.shape) != (B, T):
+      raise ValueError(f"mask must have shape [B, T] = {(B, T)}, got {tuple(mask.shape)}")
+    mask = jnp.asarray(mask, bool)
   if hoist is None:
     hoist = default_hoist()
 
@@ -184,7 +197,7 @@ def unroll(cell, params, xs, *, lengths=None, carry=None, time_major: bool = Fal
   else:
     scan_reverse = reverse
 
-  if lengths is None:
+  if mask is None:
     def body(c, x_t):
       return body_step(params, c, x_t)
     scanned = inputs
@@ -193,7 +206,7 @@ def unroll(cell, params, xs, *, lengths=None, carry=None, time_major: bool = Fal
       x_t, m_t = inp
       new_c, h_t = body_step(params, c, x_t)
       return _where_tree(m_t, new_c, c), jnp.where(m_t[:, None], h_t, 0)
-    scanned = (inputs, jnp.swapaxes(length_mask(lengths, T), 0, 1))
+    scanned = (inputs, jnp.swapaxes(mask, 0, 1))
 
   carry, hs = _segmented_scan(body, carry, scanned, T, _segments(T, remat),
                               reverse=scan_reverse, unroll=unroll)
