@@ -16,10 +16,13 @@ Shapes: ``B`` batch, ``D`` input features, ``H`` hidden units, ``G`` gates
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from bptt_jax import _fused
 
 Array = jax.Array
 Params = Any
@@ -60,6 +63,10 @@ class Cell(NamedTuple):
     input_size: optional ``input_size(params) -> D``, used to check inputs.
     hidden_size: ``H``, or ``None`` if unknown.
     name: a short name for messages.
+    sequence: optional ``sequence(params, xs, carry, mask) -> (carry, hs)``
+      over a whole time-major sequence (``xs`` ``[T, B, D]``, ``mask`` ``None``
+      or ``[T, B, 1]`` of 0/1), with a hand-written backward pass; used by
+      :func:`bptt_jax.unroll` when ``fused``.
   """
 
   init: Callable[..., Params] | None
@@ -71,6 +78,7 @@ class Cell(NamedTuple):
   input_size: Callable[[Params], int] | None = None
   hidden_size: int | None = None
   name: str = "cell"
+  sequence: Callable | None = None
 
 
 def as_cell(cell_or_step) -> Cell:
@@ -186,7 +194,8 @@ def _hu(params, h, layer_norm):
   return hu
 
 
-def _make(name, hidden_size, layer_norm, init, initial_carry, recur, hidden):
+def _make(name, hidden_size, layer_norm, init, initial_carry, recur, hidden,
+          sequence=None):
   project = lambda params, xs: _project(params, xs, layer_norm)  # noqa: E731
 
   def step(params, carry, x_t):
@@ -202,6 +211,7 @@ def _make(name, hidden_size, layer_norm, init, initial_carry, recur, hidden):
       input_size=lambda params: params["W"].shape[0],
       hidden_size=hidden_size,
       name=name + ("_ln" if layer_norm else ""),
+      sequence=None if layer_norm else sequence,
   )
 
 
@@ -265,8 +275,9 @@ def rnn(hidden_size: int, activation: str = "tanh", *, layer_norm: bool = False,
     h = f(p_t + _hu(params, h, layer_norm))
     return h, h
 
+  sequence = functools.partial(_fused.rnn_sequence, activation)
   return _make(f"rnn_{activation}", hidden_size, layer_norm, init,
-               _zeros_carry(hidden_size), recur, lambda h: h)
+               _zeros_carry(hidden_size), recur, lambda h: h, sequence)
 
 
 def irnn(hidden_size: int, *, input_std: float = 1e-3, dtype=jnp.float32) -> Cell:
@@ -334,7 +345,7 @@ def lstm(hidden_size: int, *, layer_norm: bool = False, forget_bias: float = 1.0
     return LSTMState(h, c), h
 
   return _make("lstm", H, layer_norm, init, initial_carry, recur,
-               lambda carry: carry.h)
+               lambda carry: carry.h, _fused.lstm_sequence)
 
 
 def gru(hidden_size: int, *, layer_norm: bool = False,
@@ -382,7 +393,8 @@ def gru(hidden_size: int, *, layer_norm: bool = False,
     h = (1.0 - z) * n + z * h
     return h, h
 
-  return _make("gru", H, layer_norm, init, _zeros_carry(H), recur, lambda h: h)
+  return _make("gru", H, layer_norm, init, _zeros_carry(H), recur, lambda h: h,
+               _fused.gru_sequence)
 
 
 # ----------------------------------------------------------------------------

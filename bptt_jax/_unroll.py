@@ -109,7 +109,7 @@ def _segments(num_steps: int, remat) -> int:
 def unroll(cell, params, xs, *, lengths=None, mask=None, carry=None,
            time_major: bool = False,
            reverse: bool = False, hoist: bool | None = None, unroll: int = 1,
-           remat=None):
+           remat=None, fused: bool | None = None):
   """Runs ``cell`` over the time axis of ``xs`` with one ``jax.lax.scan``.
 
   Equivalent Python loop (batch-major, no lengths, forward)::
@@ -146,6 +146,13 @@ def unroll(cell, params, xs, *, lengths=None, mask=None, carry=None,
       the ``T`` steps into segments (``"sqrt"``/``True`` for about ``sqrt(T)``,
       or an int), keep only the carry at each segment boundary for the backward
       pass, and recompute inside a segment. Same values and gradients.
+    fused: use the cell's hand-written backward pass over the whole sequence
+      (``cell.sequence``: the built-in RNN, LSTM and GRU without layer norm),
+      which keeps only what the backward pass needs and computes the weight
+      gradients as a few large matmuls after the loop. Default: when the cell
+      has one and the projection is not hoisted. Its gradients equal autodiff's
+      to float rounding; it is first-order only (no ``jax.hessian``): pass
+      ``fused=False`` for higher derivatives.
 
   Returns:
     ``(final_carry, hs)`` with ``hs`` ``[B, T, H]`` (``[T, B, H]`` if
@@ -157,6 +164,7 @@ def unroll(cell, params, xs, *, lengths=None, mask=None, carry=None,
   """
   cell = as_cell(cell)
   check_inputs(xs)
+  xs = jnp.asarray(xs)
   xs_tm = xs if time_major else jnp.swapaxes(xs, 0, 1)
   T, B = xs_tm.shape[:2]
   _check_feature_size(cell, params, xs_tm)
@@ -185,71 +193,88 @@ def unroll(cell, params, xs, *, lengths=None, mask=None, carry=None,
     mask = jnp.asarray(mask, bool)
   if hoist is None:
     hoist = default_hoist()
+  segments = _segments(T, remat)
+  if fused is None:
+    fused = cell.sequence is not None and not hoist
+  elif fused and cell.sequence is None:
+    raise ValueError(f"{cell.name} has no fused sequence implementation; use fused=None")
 
-  if cell.project is not None and hoist:
-    inputs, body_step = cell.project(params, xs_tm), cell.recur
+  if fused:
+    inputs = xs_tm
+    run = _fused_runner(cell, params, xs.dtype)
   else:
-    inputs, body_step = xs_tm, cell.step
+    if cell.project is not None and hoist:
+      inputs, body_step = cell.project(params, xs_tm), cell.recur
+    else:
+      inputs, body_step = xs_tm, cell.step
+    run = _scan_runner(body_step, params, unroll)
 
-  if reverse and lengths is not None:
-    inputs = _flip_within_lengths(inputs, lengths)
-    scan_reverse = False
-  else:
-    scan_reverse = reverse
+  mask_tm = None if mask is None else jnp.swapaxes(mask, 0, 1)
+  if reverse:
+    if lengths is not None:
+      inputs, mask_tm = _flip_within_lengths(inputs, lengths), mask_tm
+    else:
+      inputs = inputs[::-1]
+  carry, hs = _segmented(run, carry, inputs, mask_tm, segments)
+  if reverse:
+    hs = _flip_within_lengths(hs, lengths) if lengths is not None else hs[::-1]
+  return carry, (hs if time_major else jnp.swapaxes(hs, 0, 1))
 
-  if mask is None:
-    def body(c, x_t):
-      return body_step(params, c, x_t)
-    scanned = inputs
-  else:
+
+def _scan_runner(body_step, params, unroll):
+  """``run(carry, xs, mask) -> (carry, hs)`` with ``lax.scan`` over the step (time-major)."""
+
+  def run(carry, inputs, mask):
+    if mask is None:
+      return jax.lax.scan(lambda c, x_t: body_step(params, c, x_t), carry, inputs,
+                          unroll=unroll)
+
     def body(c, inp):
       x_t, m_t = inp
       new_c, h_t = body_step(params, c, x_t)
       return _where_tree(m_t, new_c, c), jnp.where(m_t[:, None], h_t, 0)
-    scanned = (inputs, jnp.swapaxes(mask, 0, 1))
 
-  carry, hs = _segmented_scan(body, carry, scanned, T, _segments(T, remat),
-                              reverse=scan_reverse, unroll=unroll)
-  if reverse and lengths is not None:
-    hs = _flip_within_lengths(hs, lengths)
-  return carry, (hs if time_major else jnp.swapaxes(hs, 0, 1))
+    return jax.lax.scan(body, carry, (inputs, mask), unroll=unroll)
+
+  return run
 
 
-def _segmented_scan(body, carry, xs, T, segments, *, reverse, unroll):
-  """``lax.scan(body, carry, xs)``, rematerialized per segment if ``segments > 1``."""
+def _fused_runner(cell, params, dtype):
+  """``run`` with the cell's hand-written-backward sequence function."""
+
+  def run(carry, inputs, mask):
+    m = None if mask is None else mask[..., None].astype(dtype)
+    return cell.sequence(params, inputs, carry, m)
+
+  return run
+
+
+def _segmented(run, carry, inputs, mask, segments):
+  """``run(carry, inputs, mask)``, rematerialized per segment if ``segments > 1``.
+
+  The segments are scanned with ``jax.checkpoint`` on each: the backward pass
+  keeps only the carry at each segment boundary and recomputes the inside of a
+  segment when it gets there.
+  """
   if segments <= 1:
-    return jax.lax.scan(body, carry, xs, reverse=reverse, unroll=unroll)
+    return run(carry, inputs, mask)
+  T = inputs.shape[0]
   size = -(-T // segments)
   segments = -(-T // size)
   pad = segments * size - T
-  # Padded steps run at the end of the pass (after the data when forward,
-  # before it when reverse) and are discarded: the carry skips them.
-  valid = jnp.arange(segments * size) < T
-  if reverse:
-    valid = valid[::-1]
-
-  def pad_leaf(a):
-    widths = [(pad, 0) if reverse else (0, pad)] + [(0, 0)] * (a.ndim - 1)
-    return jnp.pad(a, widths)
-
-  xs = jax.tree_util.tree_map(pad_leaf, xs)
-  xs = jax.tree_util.tree_map(
-      lambda a: a.reshape((segments, size) + a.shape[1:]), (xs, valid))
-
-  def masked_body(c, inp):
-    x_t, ok = inp
-    new_c, h_t = body(c, x_t)
-    return jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new_c, c), h_t
+  # Padded steps come after the data and are masked: the carry skips them.
+  valid = jnp.broadcast_to((jnp.arange(segments * size) < T)[:, None],
+                           (segments * size, inputs.shape[1]))
+  mask = valid if mask is None else valid & jnp.pad(mask, [(0, pad), (0, 0)])
+  inputs = jnp.pad(inputs, [(0, pad)] + [(0, 0)] * (inputs.ndim - 1))
+  split = lambda a: a.reshape((segments, size) + a.shape[1:])  # noqa: E731
 
   @jax.checkpoint
   def segment(c, seg):
-    return jax.lax.scan(masked_body, c, seg, reverse=reverse, unroll=unroll)
+    return run(c, *seg)
 
-  carry, hs = jax.lax.scan(segment, carry, xs, reverse=reverse)
-  hs = jax.tree_util.tree_map(
-      lambda a: a.reshape((segments * size,) + a.shape[2:]), hs)
-  hs = jax.tree_util.tree_map(lambda a: a[pad:] if reverse else a[:T], hs)
-  return carry, hs
+  carry, hs = jax.lax.scan(segment, carry, (split(inputs), split(mask)))
+  return carry, hs.reshape((segments * size,) + hs.shape[2:])[:T]
 
 
 def bidirectional(forward_cell, backward_cell, params, xs, *, lengths=None,
