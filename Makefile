@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) experiments/demo.py
+	$(PY) experiments/char_lm.py --demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

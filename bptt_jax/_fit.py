@@ -42,11 +42,19 @@ def _epoch_batches(batches, epoch, key):
 
 
 def _truncate_log(path, last_step):
-  """Drops log lines after ``last_step`` (written by a run that was cut off)."""
+  """Drops log lines after ``last_step`` (written by a run that was cut off),
+  and a line the crash cut short."""
   if not os.path.exists(path):
     return
+  lines = []
   with open(path) as f:
-    lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= last_step]
+    for ln in f:
+      try:
+        record = json.loads(ln)
+      except json.JSONDecodeError:
+        continue
+      if record.get("step", 0) <= last_step:
+        lines.append(ln if ln.endswith("\n") else ln + "\n")
   with open(path, "w") as f:
     f.writelines(lines)
 

@@ -62,7 +62,7 @@ def _rnn_forward(activation, params, xs, h0, mask):
 
   def body(h, inp):
     x_t, m_t = inp
-    h_new = f(jnp.concatenate([x_t, h], axis=-1) @ WU + params["b"])
+    h_new = f(jnp.concatenate([x_t, h], axis=-1) @ WU + params["b"][None])
     h = _keep(m_t, h_new, h)
     return h, (_on(m_t, h_new), None if m_t is None else h)
 
@@ -116,7 +116,7 @@ def _lstm_scan(params, xs, carry, mask, keep):
 
   def body(c, inp):
     x_t, m_t = inp
-    z = jnp.concatenate([x_t, c.h], axis=-1) @ WU + params["b"]
+    z = jnp.concatenate([x_t, c.h], axis=-1) @ WU + params["b"][None]
     i, f, o = (_sigmoid(z[:, k * H:(k + 1) * H]) for k in (0, 1, 3))
     g = jnp.tanh(z[:, 2 * H:3 * H])
     c_new = f * c.c + i * g
@@ -190,11 +190,11 @@ def _gru_scan(params, xs, h0, mask, keep):
 
   def body(h, inp):
     x_t, m_t = inp
-    a = x_t @ params["W"] + params["b"]
+    a = x_t @ params["W"] + params["b"][None]
     u = h @ params["U"]
     r = _sigmoid(a[:, :H] + u[:, :H])
     z = _sigmoid(a[:, H:2 * H] + u[:, H:2 * H])
-    un = u[:, 2 * H:] + params["b_hn"]
+    un = u[:, 2 * H:] + params["b_hn"][None]
     n = jnp.tanh(a[:, 2 * H:] + r * un)
     h_new = (1.0 - z) * n + z * h
     h_next = _keep(m_t, h_new, h)

@@ -34,6 +34,18 @@ def _where_rows(rows, a, b):
       lambda x, y: jnp.where(rows.reshape((-1,) + (1,) * (x.ndim - 1)), x, y), a, b)
 
 
+def _carry_dtype(params, xs):
+  """The float dtype of the carry: the widest of the float params and inputs.
+
+  A cell step promotes its carry with these, so a carry of this dtype keeps
+  its type through ``lax.scan`` (float64 under ``jax_enable_x64``).
+  """
+  leaves = jax.tree_util.tree_leaves(params) + [xs]
+  floats = [jnp.result_type(a) for a in leaves
+            if jnp.issubdtype(jnp.result_type(a), jnp.floating)]
+  return jnp.result_type(*floats) if floats else jnp.float32
+
+
 def _pad_time(a, front, back, value=0):
   widths = [(0, 0), (front, back)] + [(0, 0)] * (a.ndim - 2)
   return jnp.pad(a, widths, constant_values=value)
@@ -159,7 +171,13 @@ def tbptt_step(cell, step_loss: Callable, tx: optax.GradientTransformation, *,
     xs, ys = _pad_time(xs, front, back), _pad_time(ys, front, back)
     mask = _pad_time(mask, front, back, False)
 
-    initial = cell.initial_carry(B, jnp.float32) if cell.initial_carry else None
+    dtype = _carry_dtype(state.params, xs)
+    initial = cell.initial_carry(B, dtype) if cell.initial_carry else None
+    reset = batch.get("reset")
+    if reset is not None:
+      reset = jnp.asarray(reset, bool)
+      if reset.shape != (B,):
+        raise ValueError(f"reset must be [B] = ({B},), got {tuple(reset.shape)}")
     carry = state.carry
     if carry is None:
       if initial is None:
@@ -171,10 +189,7 @@ def tbptt_step(cell, step_loss: Callable, tx: optax.GradientTransformation, *,
           raise ValueError(f"state.carry has batch size {leaf.shape[0]}, batch has B = {B}")
       if initial is not None:
         carry = _reset_nonfinite(carry, initial)
-        if batch.get("reset") is not None:
-          reset = jnp.asarray(batch["reset"], bool)
-          if reset.shape != (B,):
-            raise ValueError(f"reset must be [B] = ({B},), got {tuple(reset.shape)}")
+        if reset is not None:
           carry = _where_rows(reset, initial, carry)
 
     def body(loop, n):
@@ -188,18 +203,15 @@ def tbptt_step(cell, step_loss: Callable, tx: optax.GradientTransformation, *,
       metrics["steps"] = count
       c_mid, c_end = jax.lax.stop_gradient((c_mid, c_end))
       if initial is not None:
-        c_mid = _reset_nonfinite(c_mid, initial)
+        c_mid, c_end = _reset_nonfinite(c_mid, initial), _reset_nonfinite(c_end, initial)
       if return_carries:
-        metrics["carry"] = c_mid
+        metrics["carry"] = c_end  # after chunk n (c_mid is k2 - k1 steps earlier)
       return (state, c_mid), (metrics, c_end)
 
     (state, _), (metrics, c_ends) = jax.lax.scan(
         body, (state, carry), jnp.arange(n_chunks))
     if state.carry is not None:
-      last = jax.tree_util.tree_map(lambda a: a[-1], c_ends)
-      if initial is not None:
-        last = _reset_nonfinite(last, initial)
-      state = state._replace(carry=last)
+      state = state._replace(carry=jax.tree_util.tree_map(lambda a: a[-1], c_ends))
     return state, metrics
 
   return jax.jit(step) if jit else step

@@ -79,3 +79,31 @@ def compiled_memory_mb(fn, *args) -> float:
   """
   stats = jax.jit(fn).lower(*args).compile().memory_analysis()
   return stats.temp_size_in_bytes / 2**20
+
+
+class KeepBest:
+  """An ``eval_fn`` for :func:`bptt_jax.fit` that keeps the params of the best score.
+
+  Each call scores ``params`` with ``score_fn(params) -> float``, appends the
+  score to ``scores`` and, if it is the best so far (highest for ``mode="max"``,
+  lowest for ``"min"``), keeps ``params`` and its position ``index``. Early
+  stopping without a second pass: train for a fixed number of epochs, then use
+  ``keep.params``.
+  """
+
+  def __init__(self, score_fn, name: str, *, mode: str = "max"):
+    if mode not in ("max", "min"):
+      raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+    self.score_fn, self.name, self.sign = score_fn, name, 1 if mode == "max" else -1
+    self.scores, self.params, self.index = [], None, None
+
+  def __call__(self, params) -> dict:
+    score = float(self.score_fn(params))
+    if self.index is None or self.sign * score > self.sign * self.scores[self.index]:
+      self.params, self.index = params, len(self.scores)
+    self.scores.append(score)
+    return {self.name: score}
+
+  @property
+  def best(self) -> float:
+    return self.scores[self.index]
