@@ -38,6 +38,7 @@ from bptt_jax._truncated import tbptt_step as tbptt_step
 from bptt_jax._unroll import bidirectional as bidirectional
 from bptt_jax._unroll import default_hoist as default_hoist
 from bptt_jax._unroll import length_mask as length_mask
+from bptt_jax._unroll import segmented_loss as segmented_loss
 from bptt_jax._unroll import unroll as unroll
 
 __version__ = "0.1.0"
@@ -47,6 +48,6 @@ __all__ = [
     "load_checkpoint", "restore_latest", "save_checkpoint", "RNNGrads", "TrainState", "apply_gradients", "as_cell", "bidirectional", "default_hoist",
     "final_loss", "from_flax", "gradient_flow", "gru", "guard", "init_readout", "irnn",
     "jacobian_norms", "last_step", "length_mask", "lstm", "mse", "optimizer", "readout", "rnn",
-    "rnn_bptt", "rnn_value_and_grad", "sequence_loss",
+    "rnn_bptt", "rnn_value_and_grad", "segmented_loss", "sequence_loss",
     "sigmoid_binary_cross_entropy", "softmax_cross_entropy", "stack", "tbptt_step", "train_step", "unroll",
 ]

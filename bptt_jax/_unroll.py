@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -298,3 +299,79 @@ def bidirectional(forward_cell, backward_cell, params, xs, *, lengths=None,
   b_carry, b_hs = unroll(backward_cell, params[1], xs, lengths=lengths,
                          carry=bc, reverse=True, **kwargs)
   return (f_carry, b_carry), jnp.concatenate([f_hs, b_hs], axis=-1)
+
+
+def segmented_loss(cell, params, xs, ys, step_loss: Callable, *, lengths=None, carry=None,
+                   segments="sqrt", reduction: str = "sum", **unroll_kwargs):
+  """A sequence loss under full BPTT in O(sqrt(T)) memory (Chen et al. 2016).
+
+  The ``T`` steps are cut into segments; each segment runs the cell, its
+  per-step losses and their masked sum inside one ``jax.checkpoint``, so the
+  backward pass keeps only the carry at each segment boundary (and the inputs)
+  and recomputes a segment's activations when it reaches it. Unlike
+  ``unroll(..., remat=...)``, which must return every hidden state, the hidden
+  states ``[B, T, H]`` never exist in full. The loss and its gradient equal
+  ``sequence_loss(step_loss(params, unroll(...)[1], ys), lengths=lengths)``.
+
+  Args:
+    cell: a cell; its params are ``params["cell"]``.
+    params: a dict with the cell's params at ``"cell"`` and whatever
+      ``step_loss`` reads.
+    xs: inputs ``[B, T, D]``.
+    ys: targets ``[B, T, ...]``.
+    step_loss: ``step_loss(params, hs [B, K, H], ys [B, K, ...]) -> [B, K]``.
+    lengths: optional ``[B]``.
+    carry: initial carry; zeros by default.
+    segments: ``"sqrt"`` (about ``sqrt(T)`` segments) or a number of segments.
+    reduction: ``"sum"`` (over time, mean over the batch) or ``"mean"`` (over
+      valid steps), as in :func:`bptt_jax.sequence_loss`.
+    **unroll_kwargs: passed to :func:`unroll` for each segment (``fused``,
+      ``hoist``).
+
+  Returns:
+    ``(loss, final_carry)``.
+
+  References:
+    Chen, Xu, Zhang and Guestrin 2016, "Training Deep Nets with Sublinear Memory
+    Cost"; Gruslys, Munos, Danihelka, Lanctot and Graves 2016, "Memory-Efficient
+    Backpropagation Through Time".
+  """
+  cell = as_cell(cell)
+  check_inputs(xs)
+  xs, ys = jnp.asarray(xs), jnp.asarray(ys)
+  B, T = xs.shape[:2]
+  if ys.shape[:2] != (B, T):
+    raise ValueError(f"ys must share [B, T] = {(B, T)} with xs, got {tuple(ys.shape)}")
+  if reduction not in ("sum", "mean"):
+    raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+  for bad in ("lengths", "mask", "reverse", "remat", "time_major"):
+    if bad in unroll_kwargs:
+      raise ValueError(f"segmented_loss does not take {bad}= for its segments")
+  mask = (jnp.ones((B, T), bool) if lengths is None
+          else length_mask(check_lengths(lengths, B, T), T))
+  if carry is None:
+    if cell.initial_carry is None:
+      raise ValueError(f"{cell.name} has no initial_carry: pass carry=")
+    carry = cell.initial_carry(B, xs.dtype)
+  n = _segments(T, segments)
+  size = -(-T // n)
+  n = -(-T // size)
+  pad = n * size - T
+
+  def split(a, value=0):
+    a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2), constant_values=value)
+    return jnp.swapaxes(a.reshape((B, n, size) + a.shape[2:]), 0, 1)  # [n, B, size, ...]
+
+  @jax.checkpoint
+  def segment(c, inp):
+    x, y, m = inp
+    c, hs = unroll(cell, params["cell"], x, mask=m, carry=c, **unroll_kwargs)
+    losses = step_loss(params, hs, y)
+    if losses.shape != m.shape:
+      raise ValueError(f"step_loss must return [B, K] = {m.shape}, got {losses.shape}")
+    return c, jnp.sum(jnp.where(m, losses, 0.0))
+
+  carry, sums = jax.lax.scan(segment, carry, (split(xs), split(ys), split(mask, False)))
+  total = jnp.sum(sums)
+  loss = total / B if reduction == "sum" else total / jnp.maximum(jnp.sum(mask), 1)
+  return loss, carry
