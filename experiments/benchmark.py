@@ -16,6 +16,8 @@ Implementations (on CPU; ``unroll``'s defaults there are no hoisting, fused):
   torch_malloc       torch with glibc's allocator tuned for big, reused buffers
                      (MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000)
   bptt_jax_remat     unroll(remat="sqrt"): only in --memory-vs-T by default
+  bptt_jax_segmented segmented_loss: loss inside checkpointed segments, O(sqrt T)
+                     memory; only in --memory-vs-T by default
 
 Modes: ``train`` is one optimizer update (forward, readout H -> D at every
 step, MSE against a fixed random target, BPTT, clip_by_global_norm(1.0), Adam
@@ -85,6 +87,7 @@ IMPLS = {
     "torch": Impl("torch"),
     "torch_malloc": Impl("torch", env=TUNED_MALLOC),
     "bptt_jax_remat": Impl("bptt_jax", {"remat": "sqrt"}),
+    "bptt_jax_segmented": Impl("bptt_jax", {"segmented": True}),
 }
 DEFAULT_IMPLS = ["bptt_jax", "bptt_jax_autodiff", "bptt_jax_hoisted", "flax", "torch",
                  "torch_malloc"]
@@ -94,7 +97,7 @@ TORCH_IMPLS = {name for name, impl in IMPLS.items() if impl.kind == "torch"}
 # Memory against T: LSTM, B = 16, H = 256, D = 32.
 MEMORY_VS_T_DIMS = Dims(16, 0, 32, 256)
 MEMORY_VS_T_LENGTHS = [1000, 10000, 100000]
-MEMORY_VS_T_IMPLS = ["bptt_jax", "bptt_jax_remat", "flax", "torch"]
+MEMORY_VS_T_IMPLS = ["bptt_jax", "bptt_jax_remat", "bptt_jax_segmented", "flax", "torch"]
 MEMORY_STEPS = 4  # train steps per memory process; the time is the median of all but the first
 MEMORY_FRACTION = 0.8  # skip a point expected to need more than this share of free memory
 
@@ -153,9 +156,12 @@ def mse(preds, targets):
 def bptt_jax_case(cell_name: str, dims: Dims, mode: str, unroll_kwargs: dict) -> JaxCase:
   """bptt_jax cell, readout and, for training, ``bj.optimizer`` with ``bj.train_step``."""
   import jax
+  import jax.numpy as jnp
 
   import bptt_jax as bj
 
+  unroll_kwargs = dict(unroll_kwargs)
+  segmented = unroll_kwargs.pop("segmented", False)
   make_cell = {"rnn": lambda H: bj.rnn(H, "tanh"), "lstm": bj.lstm, "gru": bj.gru}[cell_name]
   cell = make_cell(dims.H)
 
@@ -177,6 +183,15 @@ def bptt_jax_case(cell_name: str, dims: Dims, mode: str, unroll_kwargs: dict) ->
   def loss_fn(params, batch):
     xs, ys = batch
     return mse(predict(params, xs), ys)
+
+  if segmented:
+    # The same mean squared error, computed segment by segment (O(sqrt T) memory).
+    def step_loss(params, hs, ys):
+      return jnp.mean(jnp.square(bj.readout(params["head"], hs) - ys), axis=-1)
+
+    def loss_fn(params, batch):  # noqa: F811
+      xs, ys = batch
+      return bj.segmented_loss(cell, params, xs, ys, step_loss, reduction="mean")[0]
 
   tx = bj.optimizer(1e-3, max_norm=1.0)
   state = jax.jit(lambda p: bj.TrainState.create(p, tx))(params)

@@ -406,3 +406,24 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
   logged = [r["step"] for r in read_log(killed_out / "log.jsonl")]
   assert logged == list(range(1, 41))  # each step logged once across the kill
   assert [s for s, _ in _checkpoint.list_checkpoints(str(killed_ckpt))] == [36, 40]
+
+
+def test_streaming_fit_compiles_once():
+  """A whole training loop (2 epochs x 3 streamed batches, TBPTT) traces its step once."""
+  traces = []
+  cell = bj.gru(4, dtype=jnp.float64)
+  k_cell, k_head = jax.random.split(jax.random.key(0))
+  params = {"cell": cell.init(k_cell, 2), "head": bj.init_readout(k_head, 4, 1, jnp.float64)}
+
+  def step_loss(params, hs, ys):
+    traces.append(hs.shape)
+    return bj.mse(bj.readout(params["head"], hs), ys)
+
+  tx = bj.optimizer(1e-2)
+  step = bj.tbptt_step(cell, step_loss, tx, k1=4)
+  xs = np.random.default_rng(0).normal(size=(3, 2, 10, 2))
+  batches = [{"xs": xs[i], "ys": xs[i, ..., :1]} for i in range(3)]
+  state = bj.TrainState.create(params, tx, carry=cell.initial_carry(2, jnp.float64))
+  state, history = bj.fit(step, state, batches, epochs=2, progress=False)
+  assert len(history) == 6
+  assert traces == [(2, 4, 4)]
