@@ -111,12 +111,11 @@ rnn_sequence.defvjp(_rnn_fwd, _rnn_bwd)
 
 
 def _lstm_scan(params, xs, carry, mask, keep):
-  WU = jnp.concatenate([params["W"], params["U"]], axis=0)
   H = params["U"].shape[0]
 
   def body(c, inp):
     x_t, m_t = inp
-    z = jnp.concatenate([x_t, c.h], axis=-1) @ WU + params["b"][None]
+    z = x_t @ params["W"] + c.h @ params["U"] + params["b"][None]
     i, f, o = (_sigmoid(z[:, k * H:(k + 1) * H]) for k in (0, 1, 3))
     g = jnp.tanh(z[:, 2 * H:3 * H])
     c_new = f * c.c + i * g
