@@ -1,5 +1,6 @@
 """bptt_jax: recurrent networks in JAX, trained with backpropagation through time."""
 
+from bptt_jax import data as data
 from bptt_jax._cells import Cell as Cell
 from bptt_jax._cells import LSTMState as LSTMState
 from bptt_jax._cells import as_cell as as_cell
@@ -9,11 +10,10 @@ from bptt_jax._cells import irnn as irnn
 from bptt_jax._cells import lstm as lstm
 from bptt_jax._cells import rnn as rnn
 from bptt_jax._cells import stack as stack
-from bptt_jax import data as data
 from bptt_jax._checkpoint import CheckpointError as CheckpointError
+from bptt_jax._checkpoint import load as load_checkpoint
 from bptt_jax._checkpoint import restore_latest as restore_latest
 from bptt_jax._checkpoint import save as save_checkpoint
-from bptt_jax._checkpoint import load as load_checkpoint
 from bptt_jax._fit import NonFiniteError as NonFiniteError
 from bptt_jax._fit import fit as fit
 from bptt_jax._gradients import RNNGrads as RNNGrads
@@ -44,10 +44,11 @@ from bptt_jax._unroll import unroll as unroll
 __version__ = "0.1.0"
 
 __all__ = [
-    "Cell", "CheckpointError", "LSTMState", "NonFiniteError", "data", "fit",
-    "load_checkpoint", "restore_latest", "save_checkpoint", "RNNGrads", "TrainState", "apply_gradients", "as_cell", "bidirectional", "default_hoist",
-    "final_loss", "from_flax", "gradient_flow", "gru", "guard", "init_readout", "irnn",
-    "jacobian_norms", "last_step", "length_mask", "lstm", "mse", "optimizer", "readout", "rnn",
-    "rnn_bptt", "rnn_value_and_grad", "segmented_loss", "sequence_loss",
-    "sigmoid_binary_cross_entropy", "softmax_cross_entropy", "stack", "tbptt_step", "train_step", "unroll",
+    "Cell", "CheckpointError", "LSTMState", "NonFiniteError", "RNNGrads", "TrainState",
+    "apply_gradients", "as_cell", "bidirectional", "data", "default_hoist", "final_loss", "fit",
+    "from_flax", "gradient_flow", "gru", "guard", "init_readout", "irnn", "jacobian_norms",
+    "last_step", "length_mask", "load_checkpoint", "lstm", "mse", "optimizer", "readout",
+    "restore_latest", "rnn", "rnn_bptt", "rnn_value_and_grad", "save_checkpoint",
+    "segmented_loss", "sequence_loss", "sigmoid_binary_cross_entropy", "softmax_cross_entropy",
+    "stack", "tbptt_step", "train_step", "unroll",
 ]

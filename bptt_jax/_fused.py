@@ -20,7 +20,6 @@ import functools
 import jax
 import jax.numpy as jnp
 
-
 _sigmoid = jax.nn.sigmoid
 
 

@@ -8,8 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from bptt_jax._cells import _ACTIVATIONS, as_cell
-from bptt_jax._unroll import (_check_feature_size, check_inputs, check_lengths,
-                              length_mask)
+from bptt_jax._unroll import _check_feature_size, check_inputs, check_lengths, length_mask
 
 Array = jax.Array
 

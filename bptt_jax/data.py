@@ -82,7 +82,7 @@ def shuffled_batches(data, batch_size: int, *, shuffle: bool = True):
     order = np.asarray(jax.random.permutation(key, n)) if shuffle else np.arange(n)
     for start in range(0, n, batch_size):
       idx = order[start:start + batch_size]
-      yield jax.tree_util.tree_map(lambda a: a[idx], data)
+      yield jax.tree_util.tree_map(lambda a, idx=idx: a[idx], data)
 
   return batches
 

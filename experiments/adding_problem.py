@@ -18,7 +18,6 @@ import common
 import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
-import numpy as np
 
 import bptt_jax as bj
 
@@ -75,7 +74,7 @@ for T in args.lengths:
 
     tx = bj.optimizer(args.lr, max_norm=args.max_norm)
     step = bj.train_step(loss_fn, tx, max_norm=args.max_norm)
-    test_mse = jax.jit(lambda p, loss_fn=loss_fn: loss_fn(p, (test_xs, test_ys)))
+    test_mse = jax.jit(lambda p, f=loss_fn, batch=(test_xs, test_ys): f(p, batch))
 
     def batches(epoch, k, T=T):
       for i in range(args.updates):
@@ -83,7 +82,7 @@ for T in args.lengths:
 
     start = time.perf_counter()
     state, history = bj.fit(step, bj.TrainState.create(params, tx), batches, epochs=1,
-                            key=k_data, eval_fn=lambda p: {"test_mse": test_mse(p)},
+                            key=k_data, eval_fn=lambda p, f=test_mse: {"test_mse": f(p)},
                             eval_every=args.eval_every, desc=f"{name} T={T}")
     seconds = time.perf_counter() - start
     evals = [(h["step"], h["eval_test_mse"]) for h in history if "eval_test_mse" in h]
@@ -96,8 +95,8 @@ for T in args.lengths:
         "nonfinite_steps": history[-1]["nonfinite_total"],
     }
     curves[f"{name}_T{T}"] = evals
-    print(f"T={T:4d} {name:5s} test MSE {final:.4f} (baseline {figures[f'{name}_T{T}']['baseline_mse']:.3f})"
-          f"  {seconds:.0f} s")
+    baseline = figures[f"{name}_T{T}"]["baseline_mse"]
+    print(f"T={T:4d} {name:5s} test MSE {final:.4f} (baseline {baseline:.3f})  {seconds:.0f} s")
 
 fig, axes = plt.subplots(1, len(args.lengths), figsize=(5 * len(args.lengths), 4), squeeze=False)
 for ax, T in zip(axes[0], args.lengths):

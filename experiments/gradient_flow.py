@@ -67,7 +67,9 @@ for (label, cell, adjust), k in zip(networks, jax.random.split(k_cells, len(netw
   # Growth per step, backwards in time: fit log ||dL/dh_t|| against T - t.
   back = np.arange(T)[::-1]  # T - 1 - t
   finite = (norm_t > 0) & np.isfinite(norm_t)
-  slope = np.polyfit(back[finite][:-1], np.log(norm_t[finite][:-1]), 1)[0] if finite.sum() > 2 else float("nan")
+  slope = float("nan")
+  if finite.sum() > 2:
+    slope = np.polyfit(back[finite][:-1], np.log(norm_t[finite][:-1]), 1)[0]
   figures[label] = {
       "norm_at_T": float(norm_t[-1]),
       "norm_at_1": float(norm_t[0]),

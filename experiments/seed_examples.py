@@ -168,7 +168,8 @@ def bce(params, batch):
   ids, lengths, labels = batch
   return jnp.mean(bj.sigmoid_binary_cross_entropy(sentiment_logits(params, ids, lengths), labels))
 
-params, losses = fit_full(bce, params, (ids, lengths, labels), optax.adam(0.05), 20 if args.quick else 200)
+params, losses = fit_full(bce, params, (ids, lengths, labels), optax.adam(0.05),
+                          20 if args.quick else 200)
 tests = ["this movie was good", "this movie was awful"]
 t_ids, t_len = bj.data.pad_sequences([[vocab[w] for w in s.split()] for s in tests])
 scores = jax.nn.sigmoid(sentiment_logits(params, t_ids, t_len))[:, 0]
@@ -193,7 +194,8 @@ def forecast(params, xs):
 def forecast_mse(params, batch):
   return jnp.mean(bj.mse(forecast(params, batch[0]), batch[1]))
 
-params, _ = fit_full(forecast_mse, params, (xs[:70], ys[:70]), optax.adam(1e-2), 30 if args.quick else 300)
+params, _ = fit_full(forecast_mse, params, (xs[:70], ys[:70]), optax.adam(1e-2),
+                     30 if args.quick else 300)
 pred = np.asarray(forecast(params, xs[70:])) * std + mean
 actual = ys[70:] * std + mean
 rmse = float(np.sqrt(np.mean((pred - actual) ** 2)))

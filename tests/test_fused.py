@@ -9,10 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cell_reference import CELLS, random_params, run_sequence
 from jax.test_util import check_grads
 
 import bptt_jax as bj
-from cell_reference import CELLS, random_params, run_sequence
 
 FUSED = ["rnn_tanh", "rnn_relu", "lstm", "gru"]
 B, T, D, H = 3, 7, 4, 5
@@ -34,7 +34,8 @@ def _setup(name, seed=0):
 
 def _objective(hs, final, weights):
   """A loss that reads every output and the final carry."""
-  return jnp.sum(hs * weights) + sum(jnp.sum(leaf ** 2) for leaf in jax.tree_util.tree_leaves(final))
+  leaves = jax.tree_util.tree_leaves(final)
+  return jnp.sum(hs * weights) + sum(jnp.sum(leaf ** 2) for leaf in leaves)
 
 
 @pytest.mark.parametrize("name", FUSED)
@@ -88,7 +89,7 @@ def test_fused_masked_batch_equals_each_sequence_alone(name, reverse):
     total, outs = 0.0, []
     for b in range(B):
       n = int(lengths[b])
-      c = jax.tree_util.tree_map(lambda a: a[b:b + 1], carry)
+      c = jax.tree_util.tree_map(lambda a, b=b: a[b:b + 1], carry)
       x = xs[b:b + 1, :n]
       if reverse:
         x = x[:, ::-1]

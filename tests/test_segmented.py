@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cell_reference import CELLS, random_params, run_sequence
 
 import bptt_jax as bj
-from cell_reference import CELLS, random_params, run_sequence
 
 B, T, D, H, O = 3, 11, 4, 5, 2
 
