@@ -51,6 +51,13 @@ def _zeros_like(tree):
   return jax.tree_util.tree_map(jnp.zeros_like, tree)
 
 
+def _cotangents(primals, grads):
+  """``grads`` with each leaf cast to its primal's dtype (as autodiff returns them)."""
+  return jax.tree_util.tree_map(
+      lambda p, g: None if p is None else g.astype(p.dtype), primals, grads,
+      is_leaf=lambda x: x is None)
+
+
 # ----------------------------------------------------------------------------
 # Vanilla RNN: h_t = f(x_t W + h_{t-1} U + b).
 
@@ -99,7 +106,8 @@ def _rnn_bwd(activation, res, cotangents):
       "U": _flat(h_prev).T @ _flat(das),
       "b": jnp.sum(das, axis=(0, 1)),
   }
-  return {**_zeros_like(params), **grads}, das @ params["W"].T, dh0, _zeros_like(mask)
+  return _cotangents((params, xs, h0, mask), (
+      {**_zeros_like(params), **grads}, das @ params["W"].T, dh0, _zeros_like(mask)))
 
 
 rnn_sequence.defvjp(_rnn_fwd, _rnn_bwd)
@@ -172,8 +180,9 @@ def _lstm_bwd(res, cotangents):
   }
   from bptt_jax._cells import LSTMState  # _cells imports this module
 
-  return ({**_zeros_like(params), **grads}, dzs @ params["W"].T, LSTMState(dh0, dc0),
-          _zeros_like(mask))
+  return _cotangents((params, xs, LSTMState(c0, c0), mask), (
+      {**_zeros_like(params), **grads}, dzs @ params["W"].T, LSTMState(dh0, dc0),
+      _zeros_like(mask)))
 
 
 lstm_sequence.defvjp(_lstm_fwd, _lstm_bwd)
@@ -212,11 +221,12 @@ def gru_sequence(params, xs, h0, mask):
 def _gru_fwd(params, xs, h0, mask):
   h_T, (hs, (saved, carried)) = _gru_scan(params, xs, h0, mask, keep=True)
   h_prev = _shifted(h0, hs if carried is None else carried)
-  return (h_T, hs), (params, xs, mask, saved, h_prev)
+  # h0 itself is not needed, only its dtype for the cotangent.
+  return (h_T, hs), (params, xs, mask, saved, h_prev, jnp.zeros((0,), h0.dtype))
 
 
 def _gru_bwd(res, cotangents):
-  params, xs, mask, saved, h_prev = res
+  params, xs, mask, saved, h_prev, h0_dtype = res
   dh_T, dys = cotangents
   H = params["U"].shape[0]
   U_T = params["U"].T
@@ -240,7 +250,8 @@ def _gru_bwd(res, cotangents):
       "b": jnp.sum(das, axis=(0, 1)),
       "b_hn": jnp.sum(dus[..., 2 * H:], axis=(0, 1)),
   }
-  return {**_zeros_like(params), **grads}, das @ params["W"].T, dh0, _zeros_like(mask)
+  return _cotangents((params, xs, h0_dtype, mask), (
+      {**_zeros_like(params), **grads}, das @ params["W"].T, dh0, _zeros_like(mask)))
 
 
 gru_sequence.defvjp(_gru_fwd, _gru_bwd)

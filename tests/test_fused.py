@@ -154,3 +154,13 @@ def test_fused_float32_close_to_autodiff():
   for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
     assert a.dtype == jnp.float32
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("make", [bj.rnn, bj.lstm, bj.gru])
+def test_fused_gradients_take_the_params_dtype(make):
+  """float32 params with float64 inputs: gradients are float32, as autodiff gives them."""
+  cell = make(4)
+  params = cell.init(jax.random.key(0), 3)
+  xs = jnp.ones((2, 5, 3), jnp.float64)
+  grads = jax.jit(jax.grad(lambda p: jnp.sum(bj.unroll(cell, p, xs, fused=True)[1])))(params)
+  assert {g.dtype for g in jax.tree_util.tree_leaves(grads)} == {jnp.dtype(jnp.float32)}
