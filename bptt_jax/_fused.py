@@ -2,11 +2,13 @@
 
 Autodiff through ``lax.scan`` saves every intermediate of the step and does a
 small weight-gradient matmul at every step of the backward loop. Here the
-forward loop keeps only what the backward pass needs (the gate activations and
-the cell state), the backward loop carries only ``dh`` (and ``dc``) and emits
-the gate gradients ``dZ`` ``[T, B, G*H]``, and the weight gradients are then
-computed after the loop as large matmuls: ``dW = X^T dZ``, ``dU = H_prev^T dZ``,
-``dX = dZ W^T``. The results equal autodiff to float rounding (tested).
+backward step is written as what it is, linear in ``dh`` (and ``dc``): the
+forward step saves the step's coefficients of that linear map in one row, the
+backward loop carries only ``dh`` (and ``dc``) and emits the gate gradients
+``dZ`` ``[T, B, G*H]``, and the weight gradients are then computed after the
+loop as large matmuls: ``dW = X^T dZ``, ``dU = H_prev^T dZ``, ``dX = dZ W^T``.
+Each loop body is a few fused kernels and one matmul. The results equal
+autodiff to float rounding (tested).
 
 All arrays here are time-major; ``mask`` is ``None`` or ``[T, B, 1]`` of 0/1
 floats: where it is 0 the carry is kept and the output is zero, as in
@@ -117,20 +119,43 @@ rnn_sequence.defvjp(_rnn_fwd, _rnn_bwd)
 # LSTM, gates (i, f, g, o).
 
 
+def _lstm_gates(z, H):
+  """``[sigmoid(i), sigmoid(f), tanh(g), sigmoid(o)]`` in one elementwise pass.
+
+  ``tanh(x) = 2 sigmoid(2x) - 1``, so scaling the g block by 2 before and after
+  one sigmoid over all four blocks gives every gate from a single fused loop.
+  """
+  ones = jnp.ones((H,), z.dtype)
+  scale = jnp.concatenate([ones, ones, 2 * ones, ones])[None]
+  return _sigmoid(z * scale) * scale - (scale - 1)
+
+
 def _lstm_scan(params, xs, carry, mask, keep):
+  """The forward loop; with ``keep``, also the backward coefficients of each step.
+
+  The backward step is linear in ``(dh, dc)`` with coefficients that depend
+  only on the forward pass, so the forward step saves them as one
+  ``[B, 6H]`` row: the four gate derivatives ``K`` (``dz = [dc, dc, dc, dh] *
+  K``), ``o (1 - tanh(c)^2)`` (``dh -> dc``) and ``f`` (``dc -> dc_prev``).
+  """
   H = params["U"].shape[0]
 
   def body(c, inp):
     x_t, m_t = inp
     z = x_t @ params["W"] + c.h @ params["U"] + params["b"][None]
-    i, f, o = (_sigmoid(z[:, k * H:(k + 1) * H]) for k in (0, 1, 3))
-    g = jnp.tanh(z[:, 2 * H:3 * H])
+    gates = _lstm_gates(z, H)
+    i, f, g, o = (gates[:, k * H:(k + 1) * H] for k in range(4))
     c_new = f * c.c + i * g
-    h_new = o * jnp.tanh(c_new)
+    tc = jnp.tanh(c_new)
+    h_new = o * tc
     new = c._replace(h=_keep(m_t, h_new, c.h), c=_keep(m_t, c_new, c.c))
     y = _on(m_t, h_new)
-    saved = (jnp.concatenate([i, f, g, o], -1), new.c, None if m_t is None else new.h)
-    return new, ((y, saved) if keep else y)
+    if not keep:
+      return new, y
+    coefficients = jnp.concatenate([
+        g * i * (1.0 - i), c.c * f * (1.0 - f), i * (1.0 - g * g), tc * o * (1.0 - o),
+        o * (1.0 - tc * tc), f], axis=-1)
+    return new, (y, coefficients, None if m_t is None else new.h)
 
   return jax.lax.scan(body, carry, (xs, mask))
 
@@ -142,37 +167,29 @@ def lstm_sequence(params, xs, carry, mask):
 
 
 def _lstm_fwd(params, xs, carry, mask):
-  final, (hs, (gates, cs, carried)) = _lstm_scan(params, xs, carry, mask, keep=True)
+  final, (hs, coefficients, carried) = _lstm_scan(params, xs, carry, mask, keep=True)
   h_prev = _shifted(carry.h, hs if carried is None else carried)
-  return (final, hs), (params, xs, carry.c, mask, gates, cs, h_prev)
+  return (final, hs), (params, xs, carry.c, mask, coefficients, h_prev)
 
 
 def _lstm_bwd(res, cotangents):
-  params, xs, c0, mask, gates, cs, h_prev = res
+  params, xs, c0, mask, coefficients, h_prev = res
   (dh_T, dc_T), dys = cotangents
   H = params["U"].shape[0]
   U_T = params["U"].T
-  c_prev = _shifted(c0, cs)
 
   def body(d, inp):
     dh, dc = d
-    dy_t, m_t, gate, c_t, cp_t = inp
-    i, f, g, o = (gate[:, k * H:(k + 1) * H] for k in range(4))
-    tc = jnp.tanh(c_t)  # where the mask is on, c_t is the new cell state
+    dy_t, m_t, k = inp
     dh_new = _on(m_t, dy_t + dh)
-    dc_new = _on(m_t, dc) + dh_new * o * (1.0 - tc ** 2)
-    dz = jnp.concatenate([
-        dc_new * g * i * (1.0 - i),
-        dc_new * cp_t * f * (1.0 - f),
-        dc_new * i * (1.0 - g ** 2),
-        dh_new * tc * o * (1.0 - o),
-    ], axis=-1)
+    dc_new = _on(m_t, dc) + dh_new * k[:, 4 * H:5 * H]
+    dz = jnp.concatenate([dc_new, dc_new, dc_new, dh_new], axis=-1) * k[:, :4 * H]
     dh_prev = dz @ U_T + _off(m_t, dh)
-    dc_prev = dc_new * f + _off(m_t, dc)
+    dc_prev = dc_new * k[:, 5 * H:] + _off(m_t, dc)
     return (dh_prev, dc_prev), dz
 
   (dh0, dc0), dzs = jax.lax.scan(
-      body, (dh_T, dc_T), (dys, mask, gates, cs, c_prev), reverse=True)
+      body, (dh_T, dc_T), (dys, mask, coefficients), reverse=True)
   grads = {
       "W": _flat(xs).T @ _flat(dzs),
       "U": _flat(h_prev).T @ _flat(dzs),
@@ -193,21 +210,32 @@ lstm_sequence.defvjp(_lstm_fwd, _lstm_bwd)
 
 
 def _gru_scan(params, xs, h0, mask, keep):
+  """The forward loop; with ``keep``, also the backward coefficients of each step.
+
+  Given ``dh`` at the new state, the step's gradients are ``dh`` times
+  coefficients from the forward pass, saved as one ``[B, 5H]`` row:
+  ``d(h U) = [dh, dh, dh] * [K_r, K_z, K_un]``, ``d(x W)_n = dh * K_n`` and
+  ``dh_prev = d(h U) U^T + dh * z``.
+  """
   H = params["U"].shape[0]
 
   def body(h, inp):
     x_t, m_t = inp
     a = x_t @ params["W"] + params["b"][None]
     u = h @ params["U"]
-    r = _sigmoid(a[:, :H] + u[:, :H])
-    z = _sigmoid(a[:, H:2 * H] + u[:, H:2 * H])
+    rz = _sigmoid(a[:, :2 * H] + u[:, :2 * H])
+    r, z = rz[:, :H], rz[:, H:]
     un = u[:, 2 * H:] + params["b_hn"][None]
     n = jnp.tanh(a[:, 2 * H:] + r * un)
     h_new = (1.0 - z) * n + z * h
     h_next = _keep(m_t, h_new, h)
     y = _on(m_t, h_new)
-    saved = (jnp.concatenate([r, z, n, un], -1), None if m_t is None else h_next)
-    return h_next, ((y, saved) if keep else y)
+    if not keep:
+      return h_next, y
+    k_n = (1.0 - z) * (1.0 - n * n)
+    coefficients = jnp.concatenate(
+        [k_n * un * r * (1.0 - r), (h - n) * z * (1.0 - z), k_n * r, k_n, z], axis=-1)
+    return h_next, (y, coefficients, None if m_t is None else h_next)
 
   return jax.lax.scan(body, h0, (xs, mask))
 
@@ -219,31 +247,28 @@ def gru_sequence(params, xs, h0, mask):
 
 
 def _gru_fwd(params, xs, h0, mask):
-  h_T, (hs, (saved, carried)) = _gru_scan(params, xs, h0, mask, keep=True)
+  h_T, (hs, coefficients, carried) = _gru_scan(params, xs, h0, mask, keep=True)
   h_prev = _shifted(h0, hs if carried is None else carried)
   # h0 itself is not needed, only its dtype for the cotangent.
-  return (h_T, hs), (params, xs, mask, saved, h_prev, jnp.zeros((0,), h0.dtype))
+  return (h_T, hs), (params, xs, mask, coefficients, h_prev, jnp.zeros((0,), h0.dtype))
 
 
 def _gru_bwd(res, cotangents):
-  params, xs, mask, saved, h_prev, h0_dtype = res
+  params, xs, mask, coefficients, h_prev, h0_dtype = res
   dh_T, dys = cotangents
   H = params["U"].shape[0]
   U_T = params["U"].T
 
   def body(dh, inp):
-    dy_t, m_t, s, hp = inp
-    r, z, n, un = (s[:, k * H:(k + 1) * H] for k in range(4))
+    dy_t, m_t, k = inp
     dh_new = _on(m_t, dy_t + dh)
-    dn = dh_new * (1.0 - z) * (1.0 - n ** 2)
-    dr = dn * un * r * (1.0 - r)
-    dz = dh_new * (hp - n) * z * (1.0 - z)
-    da = jnp.concatenate([dr, dz, dn], axis=-1)          # d(x W + b)
-    du = jnp.concatenate([dr, dz, dn * r], axis=-1)      # d(h U), d(b_hn) = du_n
-    dh_prev = du @ U_T + dh_new * z + _off(m_t, dh)
-    return dh_prev, (da, du)
+    du = jnp.concatenate([dh_new, dh_new, dh_new], axis=-1) * k[:, :3 * H]  # d(h U)
+    dh_prev = du @ U_T + dh_new * k[:, 4 * H:] + _off(m_t, dh)
+    return dh_prev, (du, dh_new)
 
-  dh0, (das, dus) = jax.lax.scan(body, dh_T, (dys, mask, saved, h_prev), reverse=True)
+  dh0, (dus, dh_news) = jax.lax.scan(body, dh_T, (dys, mask, coefficients), reverse=True)
+  das = jnp.concatenate(  # d(x W + b): r and z as in d(h U), n without the reset gate
+      [dus[..., :2 * H], dh_news * coefficients[..., 3 * H:4 * H]], axis=-1)
   grads = {
       "W": _flat(xs).T @ _flat(das),
       "U": _flat(h_prev).T @ _flat(dus),

@@ -140,17 +140,23 @@ def test_fused_is_the_cpu_default_and_can_be_refused():
               jnp.zeros((B, T, D)), fused=True)
 
 
-def test_fused_float32_close_to_autodiff():
-  cell = bj.lstm(32)
+@pytest.mark.parametrize("make", [bj.rnn, bj.lstm, bj.gru])
+def test_fused_float32_close_to_autodiff(make):
+  """In float32 too: the fused forward (e.g. LSTM's one-sigmoid gates) and gradients."""
+  cell = make(32)
   params = cell.init(jax.random.key(0), 8)
   xs = jax.random.normal(jax.random.key(1), (4, 50, 8), jnp.float32)
 
   def loss(params, fused):
     _, hs = bj.unroll(cell, params, xs, fused=fused)
-    return jnp.sum(hs[:, -1] ** 2) + jnp.mean(hs ** 2)
+    return jnp.sum(hs[:, -1] ** 2) + jnp.mean(hs ** 2), hs
 
-  got = jax.jit(jax.grad(loss), static_argnums=1)(params, True)
-  want = jax.jit(jax.grad(loss), static_argnums=1)(params, False)
+  (_, hs_got), got = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(
+      params, True)
+  (_, hs_want), want = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(
+      params, False)
+  assert hs_got.dtype == jnp.float32
+  np.testing.assert_allclose(hs_got, hs_want, rtol=1e-5, atol=1e-6)
   for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
     assert a.dtype == jnp.float32
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
