@@ -13,8 +13,11 @@ Implementations (on CPU; ``unroll``'s defaults there are no hoisting, fused):
   bptt_jax_hoisted   unroll(fused=False, hoist=True): one input matmul before the scan
   flax               flax.linen.RNN over OptimizedLSTMCell / GRUCell / SimpleCell
   torch              torch.nn.LSTM / GRU / RNN(tanh), batch_first=True
-  torch_malloc       torch with glibc's allocator tuned for big, reused buffers
-                     (MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000)
+  *_malloc           bptt_jax, flax or torch with glibc's allocator told to keep and
+                     reuse big buffers (MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0
+                     MALLOC_TRIM_THRESHOLD_=100000000000); otherwise every step's
+                     large buffers are fresh pages from the kernel, and touching
+                     them costs about 1 us per 4 KiB page
   bptt_jax_remat     unroll(remat="sqrt"): only in --memory-vs-T by default
   bptt_jax_segmented segmented_loss: loss inside checkpointed segments, O(sqrt T)
                      memory; only in --memory-vs-T by default
@@ -78,19 +81,22 @@ class Impl(NamedTuple):
   env: dict = {}  # extra environment of the worker process
 
 
-TUNED_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "100000000000"}
+TUNED_MALLOC = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0",
+                "MALLOC_TRIM_THRESHOLD_": "100000000000"}
 IMPLS = {
     "bptt_jax": Impl("bptt_jax"),
+    "bptt_jax_malloc": Impl("bptt_jax", env=TUNED_MALLOC),
     "bptt_jax_autodiff": Impl("bptt_jax", {"fused": False}),
     "bptt_jax_hoisted": Impl("bptt_jax", {"fused": False, "hoist": True}),
     "flax": Impl("flax"),
+    "flax_malloc": Impl("flax", env=TUNED_MALLOC),
     "torch": Impl("torch"),
     "torch_malloc": Impl("torch", env=TUNED_MALLOC),
     "bptt_jax_remat": Impl("bptt_jax", {"remat": "sqrt"}),
     "bptt_jax_segmented": Impl("bptt_jax", {"segmented": True}),
 }
-DEFAULT_IMPLS = ["bptt_jax", "bptt_jax_autodiff", "bptt_jax_hoisted", "flax", "torch",
-                 "torch_malloc"]
+DEFAULT_IMPLS = ["bptt_jax", "bptt_jax_malloc", "bptt_jax_autodiff", "flax", "flax_malloc",
+                 "torch", "torch_malloc"]
 QUICK_IMPLS = ["bptt_jax", "flax", "torch"]  # one per framework: every builder runs
 TORCH_IMPLS = {name for name, impl in IMPLS.items() if impl.kind == "torch"}
 
@@ -517,8 +523,9 @@ def summarize_timing(raws: list, peak_gflops: float) -> list:
     rows.append(row)
   by_key = {(r["cell"], r["config"], r["mode"], r["impl"]): r for r in rows}
   for row in rows:
-    for ref in ("torch", "flax"):
-      other = by_key.get((row["cell"], row["config"], row["mode"], ref), {})
+    for ref in ("torch", "flax"):  # the reference run with the same allocator settings
+      same = ref + ("_malloc" if IMPLS[row["impl"]].env else "")
+      other = by_key.get((row["cell"], row["config"], row["mode"], same), {})
       if "median_ms" in row and "median_ms" in other:
         row[f"ratio_{ref}"] = row["median_ms"] / other["median_ms"]
   return rows
@@ -553,7 +560,8 @@ def time_cell(row: dict | None) -> str:
 
 
 def summary_table(rows: list, impls: list) -> str:
-  """Rows cell/config/mode; each impl's median ms (÷ PyTorch), then bptt_jax GFLOP/s, % peak."""
+  """Rows cell/config/mode; each impl's median ms (÷ PyTorch with the same allocator), then
+  bptt_jax GFLOP/s, % peak."""
   by_key = {(r["cell"], r["config"], r["mode"], r["impl"]): r for r in rows}
   cases = list(dict.fromkeys((r["cell"], r["config"], r["mode"]) for r in rows))
   table = []
@@ -580,8 +588,8 @@ def detail_table(rows: list) -> str:
         r["iterations"], fmt(r.get("ratio_torch")), fmt(r.get("ratio_flax")),
         f"{r['gflops']:.1f}", f"{100 * r['peak_fraction']:.1f}",
         fmt(r.get("compile_ms"), ".0f"), fmt(r["losses"][0][0], ".4f")])
-  header = ["case", "impl", "median ms", "IQR ms", "min–max ms", "iterations", "÷ torch",
-            "÷ flax", "GFLOP/s", "% peak", "compile ms", "first loss"]
+  header = ["case", "impl", "median ms", "IQR ms", "min–max ms", "iterations", "÷ torch*",
+            "÷ flax*", "GFLOP/s", "% peak", "compile ms", "first loss"]
   return md_table(header, table)
 
 
@@ -608,7 +616,7 @@ def plot_ratios(rows: list, impls: list, path: str) -> None:
 
   by_key = {(r["cell"], r["config"], r["mode"], r["impl"]): r for r in rows}
   cases = list(dict.fromkeys((r["cell"], r["config"], r["mode"]) for r in rows))
-  shown = [i for i in impls if i != "torch"]
+  shown = [i for i in impls if IMPLS[i].kind != "torch"]  # each torch run is its own 1.0
   fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(cases)), 4.5))
   width = 0.8 / max(len(shown), 1)
   for k, impl in enumerate(shown):
@@ -619,7 +627,7 @@ def plot_ratios(rows: list, impls: list, path: str) -> None:
   ax.set_xticks(np.arange(len(cases)) + 0.4 - width / 2)
   ax.set_xticklabels(["/".join(c) for c in cases], rotation=45, ha="right", fontsize=8)
   ax.set_ylabel("time ÷ PyTorch time (lower is faster)")
-  ax.set_title("median time relative to PyTorch (default allocator)")
+  ax.set_title("median time relative to PyTorch with the same allocator settings")
   ax.legend(fontsize=8)
   ax.grid(True, axis="y", which="both", alpha=0.3)
   common.save_plot(fig, path)
@@ -651,6 +659,9 @@ def peak_line(peaks: list) -> str:
           f"process, best over {len(peaks)} processes): {sizes} GFLOP/s; % peak uses the best.")
 
 
+RATIO_NOTE = ("\\* Ratios compare runs with the same allocator settings: an impl ending in "
+              "_malloc against torch_malloc and flax_malloc, the others against torch and "
+              "flax.")
 MEMORY_NOTE = ("Each entry: XLA temp MB (planned temporary buffers of the jitted train step, "
                "JAX only) / peak RSS rise MB (measured: ru_maxrss after "
                f"{MEMORY_STEPS} steps minus the RSS just before the first step; JAX compiled "
@@ -680,8 +691,8 @@ def suite(args, configs) -> None:
   summary = summary_table(rows, args.impls)
   sections = [
       "# bptt_jax benchmark", machine_line(load), peak_line(peaks),
-      "## Median time per call, ms (time ÷ PyTorch's)", summary,
-      "## Spread, ratios and compile time", detail_table(rows)]
+      "## Median time per call, ms (time ÷ PyTorch's with the same allocator)", summary,
+      "## Spread, ratios and compile time", detail_table(rows), RATIO_NOTE]
   if memory:
     sections += ["## Memory, train step", MEMORY_NOTE, memory_table(memory, args.impls, "case")]
   failed = failures(peaks + raws + memory)
