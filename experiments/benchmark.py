@@ -38,6 +38,8 @@ Memory, per (cell, config) and implementation, a process each, train mode:
   python experiments/benchmark.py --quick         # smoke test, under a minute
   python experiments/benchmark.py --cells lstm --configs small --modes train --rounds 1
   python experiments/benchmark.py --memory-vs-T   # LSTM memory and time against T only
+  python experiments/benchmark.py --profile --cells lstm --configs long --modes train \\
+      --impls bptt_jax bptt_jax_malloc flax    # per-kernel times and page faults per step
 """
 
 import argparse
@@ -409,10 +411,60 @@ def worker_peak(task: dict) -> dict:
   return {"gflops": gflops, "peak_gflops": max(gflops.values())}
 
 
+def trace_kernels(step: Callable, steps: int) -> dict:
+  """Per XLA kernel (``hlo_op``) in a ``jax.profiler`` trace of ``steps`` calls of ``step``:
+  total microseconds and calls. A ``while`` kernel's time includes its body's kernels."""
+  import glob
+  import gzip
+  import tempfile
+
+  import jax
+
+  with tempfile.TemporaryDirectory() as tmp:
+    with jax.profiler.trace(tmp, create_perfetto_trace=True):
+      for _ in range(steps):
+        step()
+    [path] = glob.glob(f"{tmp}/**/*.trace.json.gz", recursive=True)
+    with gzip.open(path) as f:
+      events = json.load(f)
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  kernels = {}
+  for event in events:
+    op = event.get("args", {}).get("hlo_op")
+    if event.get("ph") == "X" and op:
+      total = kernels.setdefault(op, {"us": 0.0, "calls": 0})
+      total["us"] += event["dur"]
+      total["calls"] += 1
+  return kernels
+
+
+def worker_profile(task: dict) -> dict:
+  """Where a JAX step's time goes: step time and minor page faults per step, then each XLA
+  kernel's time per step from a profiler trace, with its result shape."""
+  import re
+
+  impl, dims = IMPLS[task["impl"]], Dims(*task["dims"])
+  case = jax_case(impl, task["cell"], dims, task["mode"])
+  step = jax_stepper(case)
+  step(), step()  # compile, warm up
+  steps = task["steps"]
+  faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  times = [timed(step)[0] for _ in range(steps)]
+  faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+  kernels = trace_kernels(step, steps)
+  hlo = case.fn.lower(case.state, case.batch).compile().as_text()
+  for op, total in kernels.items():
+    shape = re.search(rf"%{re.escape(op)} = (\S+) ", hlo)
+    total.update(us=total["us"] / steps, calls=total["calls"] / steps,
+                 shape=shape.group(1) if shape else "")
+  return {"step_ms": times, "minor_faults_per_step": faults / steps, "kernels": kernels}
+
+
 def run_worker(task: dict) -> None:
   """Entry point of a worker process: runs ``task`` and prints one JSON line."""
   inherited = peak_rss_mb()  # ru_maxrss carried over from the driver at exec
-  worker = {"time": worker_time, "memory": worker_memory, "peak": worker_peak}[task["task"]]
+  worker = {"time": worker_time, "memory": worker_memory, "peak": worker_peak,
+            "profile": worker_profile}[task["task"]]
   result = worker(dict(task, inherited_peak_mb=inherited))
   if "impl" in task:
     result.update(framework_info(IMPLS[task["impl"]]))
@@ -708,6 +760,54 @@ def suite(args, configs) -> None:
 
 
 # ----------------------------------------------------------------------------
+# Profile: where the time of a JAX step goes.
+
+PROFILE_STEPS = 3
+PROFILE_TOP = 12
+
+
+def profile_section(raw: dict) -> str:
+  """A heading, the step time and page faults, and the top kernels of one profiled case."""
+  title = f"### {raw['cell']}/{raw['config']}/{raw['mode']}, {raw['impl']}"
+  if "error" in raw:
+    return title + "\n\nfailed: " + raw["error"].splitlines()[-1]
+  step_ms = float(np.median(raw["step_ms"]))
+  kernels = sorted(raw["kernels"].items(), key=lambda kv: -kv[1]["us"])
+  loops = sum(k["us"] for name, k in kernels if name.startswith("while")) / 1e3
+  table = [[name + (" (loop: includes its body)" if name.startswith("while") else ""),
+            f"`{k['shape']}`", f"{k['calls']:g}", f"{k['us'] / 1e3:.2f}",
+            f"{100 * k['us'] / 1e3 / step_ms:.0f}"] for name, k in kernels[:PROFILE_TOP]]
+  lines = [title, f"Step {step_ms:.1f} ms (median of {len(raw['step_ms'])}, untraced); "
+           f"{raw['minor_faults_per_step']:,.0f} minor page faults per step; "
+           f"loops {loops:.1f} ms per step (traced).",
+           md_table(["XLA kernel", "result", "calls / step", "ms / step", "% of step"], table)]
+  return "\n\n".join(lines)
+
+
+def profile(args, configs) -> None:
+  """Profiles each (cell, config, mode, JAX impl) in its own process; writes profile.md/json."""
+  load, raws = [os.getloadavg()[0]], []
+  impls = [i for i in args.impls if i not in TORCH_IMPLS]
+  for cell in args.cells:
+    for config, dims in configs.items():
+      for mode in args.modes:
+        for impl in impls:
+          raw = spawn({"task": "profile", "cell": cell, "config": config, "dims": list(dims),
+                       "mode": mode, "impl": impl, "steps": PROFILE_STEPS})
+          raws.append(raw)
+          print(f"  profiled {cell}/{config}/{mode} {impl}", flush=True)
+  load.append(os.getloadavg()[0])
+  sections = ["# Where the time of a step goes", machine_line(load),
+              f"Each case in its own process: {PROFILE_STEPS} plain steps give the "
+              "step time and the minor page faults (first touches of fresh memory), then "
+              f"{PROFILE_STEPS} steps under jax.profiler give each XLA kernel's time per step "
+              "(a kernel inside a loop is summed over its iterations)."]
+  sections += [profile_section(raw) for raw in raws]
+  write_report(f"{args.out}/profile.md", sections)
+  common.write_json(f"{args.out}/profile.json", {"profiles": raws, "load_average": load}, args)
+
+
+# ----------------------------------------------------------------------------
 # Memory against T.
 
 
@@ -805,6 +905,8 @@ def parse_args():
   parser.add_argument("--lengths", type=int, nargs="+", default=None,
                       help=f"values of T for --memory-vs-T (default {MEMORY_VS_T_LENGTHS})")
   parser.add_argument("--no-memory", action="store_true", help="skip the memory processes")
+  parser.add_argument("--profile", action="store_true",
+                      help="only profile the JAX impls: per-kernel time and page faults per step")
   parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   return parser.parse_args()
 
@@ -827,6 +929,8 @@ def main():
   args.out = common.results_dir("benchmark", args.out)
   if args.memory_vs_T:
     memory_vs_T(args)
+  elif args.profile:
+    profile(args, configs)
   else:
     suite(args, configs)
 

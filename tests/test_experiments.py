@@ -34,3 +34,45 @@ def test_quick_mode_runs_and_writes_results(name, tmp_path):
     if filename.endswith(".json"):
       record = json.loads(path.read_text())
       assert record.get("figures") or record.get("results"), f"{filename} holds no figures"
+
+
+def run_benchmark(tmp_path, *args):
+  env = {**os.environ, "JAX_ENABLE_X64": "0", "PYTHONWARNINGS": "ignore"}
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "experiments", "benchmark.py"), "--quick",
+       "--out", str(tmp_path), *args],
+      capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_benchmark_profile_reports_kernels_and_page_faults(tmp_path):
+  run_benchmark(tmp_path, "--profile", "--modes", "train", "--impls", "bptt_jax")
+  [raw] = json.loads((tmp_path / "profile.json").read_text())["figures"]["profiles"]
+  assert "error" not in raw, raw.get("error")
+  kernels = raw["kernels"]
+  loops = {name: k for name, k in kernels.items() if name.startswith("while")}
+  assert len(loops) >= 2, sorted(kernels)  # the forward and the backward loop
+  # The LSTM's loops run once per step; kernels inside them run T = 10 times per step.
+  assert all(k["calls"] == 1 for k in loops.values())
+  assert max(k["calls"] for k in kernels.values()) == 10
+  assert all(k["us"] > 0 for k in kernels.values())
+  assert raw["minor_faults_per_step"] >= 0
+  assert "### lstm/tiny/train, bptt_jax" in (tmp_path / "profile.md").read_text()
+
+
+def test_benchmark_ratios_pair_runs_with_the_same_allocator():
+  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  import benchmark
+
+  def raw(impl, ms):
+    return {"cell": "lstm", "config": "small", "mode": "train", "impl": impl,
+            "dims": [1, 1, 1, 1], "times_ms": [ms], "losses": [[1.0, 1.0]]}
+
+  rows = benchmark.summarize_timing(
+      [raw("bptt_jax", 10.0), raw("bptt_jax_malloc", 6.0), raw("torch", 20.0),
+       raw("torch_malloc", 4.0), raw("flax", 5.0), raw("flax_malloc", 12.0)], peak_gflops=1.0)
+  by_impl = {r["impl"]: r for r in rows}
+  assert by_impl["bptt_jax"]["ratio_torch"] == pytest.approx(0.5)
+  assert by_impl["bptt_jax"]["ratio_flax"] == pytest.approx(2.0)
+  assert by_impl["bptt_jax_malloc"]["ratio_torch"] == pytest.approx(1.5)
+  assert by_impl["bptt_jax_malloc"]["ratio_flax"] == pytest.approx(0.5)
