@@ -134,9 +134,9 @@ def _lstm_scan(params, xs, carry, mask, keep):
   """The forward loop; with ``keep``, also the backward coefficients of each step.
 
   The backward step is linear in ``(dh, dc)`` with coefficients that depend
-  only on the forward pass, so the forward step saves them as one
-  ``[B, 6H]`` row: the four gate derivatives ``K`` (``dz = [dc, dc, dc, dh] *
-  K``), ``o (1 - tanh(c)^2)`` (``dh -> dc``) and ``f`` (``dc -> dc_prev``).
+  only on the forward pass, so the forward step saves them: the four gate
+  derivatives ``K`` ``[B, 4H]`` (``dz = [dc, dc, dc, dh] * K``), and
+  ``[o (1 - tanh(c)^2), f]`` ``[B, 2H]`` (``dh -> dc`` and ``dc -> dc_prev``).
   """
   H = params["U"].shape[0]
 
@@ -152,10 +152,10 @@ def _lstm_scan(params, xs, carry, mask, keep):
     y = _on(m_t, h_new)
     if not keep:
       return new, y
-    coefficients = jnp.concatenate([
-        g * i * (1.0 - i), c.c * f * (1.0 - f), i * (1.0 - g * g), tc * o * (1.0 - o),
-        o * (1.0 - tc * tc), f], axis=-1)
-    return new, (y, coefficients, None if m_t is None else new.h)
+    k = jnp.concatenate([
+        g * i * (1.0 - i), c.c * f * (1.0 - f), i * (1.0 - g * g), tc * o * (1.0 - o)], axis=-1)
+    of = jnp.concatenate([o * (1.0 - tc * tc), f], axis=-1)
+    return new, (y, k, of, None if m_t is None else new.h)
 
   return jax.lax.scan(body, carry, (xs, mask))
 
@@ -167,29 +167,31 @@ def lstm_sequence(params, xs, carry, mask):
 
 
 def _lstm_fwd(params, xs, carry, mask):
-  final, (hs, coefficients, carried) = _lstm_scan(params, xs, carry, mask, keep=True)
+  final, (hs, ks, ofs, carried) = _lstm_scan(params, xs, carry, mask, keep=True)
   h_prev = _shifted(carry.h, hs if carried is None else carried)
-  return (final, hs), (params, xs, carry.c, mask, coefficients, h_prev)
+  return (final, hs), (params, xs, carry.c, mask, ks, ofs, h_prev)
 
 
 def _lstm_bwd(res, cotangents):
-  params, xs, c0, mask, coefficients, h_prev = res
+  params, xs, c0, mask, ks, ofs, h_prev = res
   (dh_T, dc_T), dys = cotangents
   H = params["U"].shape[0]
   U_T = params["U"].T
 
   def body(d, inp):
-    dh, dc = d
-    dy_t, m_t, k = inp
+    dh, dc, buffer = d
+    t, dy_t, m_t, of = inp
     dh_new = _on(m_t, dy_t + dh)
-    dc_new = _on(m_t, dc) + dh_new * k[:, 4 * H:5 * H]
-    dz = jnp.concatenate([dc_new, dc_new, dc_new, dh_new], axis=-1) * k[:, :4 * H]
+    dc_new = _on(m_t, dc) + dh_new * of[:, :H]
+    k = jax.lax.dynamic_index_in_dim(buffer, t, keepdims=False)
+    dz = jnp.concatenate([dc_new, dc_new, dc_new, dh_new], axis=-1) * k
     dh_prev = dz @ U_T + _off(m_t, dh)
-    dc_prev = dc_new * k[:, 5 * H:] + _off(m_t, dc)
-    return (dh_prev, dc_prev), dz
+    dc_prev = dc_new * of[:, H:] + _off(m_t, dc)
+    return (dh_prev, dc_prev, jax.lax.dynamic_update_index_in_dim(buffer, dz, t, 0)), None
 
-  (dh0, dc0), dzs = jax.lax.scan(
-      body, (dh_T, dc_T), (dys, mask, coefficients), reverse=True)
+  # dZ_t overwrites K_t, the last read of it: no new [T, B, 4H] buffer.
+  (dh0, dc0, dzs), _ = jax.lax.scan(
+      body, (dh_T, dc_T, ks), (jnp.arange(xs.shape[0]), dys, mask, ofs), reverse=True)
   grads = {
       "W": _flat(xs).T @ _flat(dzs),
       "U": _flat(h_prev).T @ _flat(dzs),
@@ -213,9 +215,9 @@ def _gru_scan(params, xs, h0, mask, keep):
   """The forward loop; with ``keep``, also the backward coefficients of each step.
 
   Given ``dh`` at the new state, the step's gradients are ``dh`` times
-  coefficients from the forward pass, saved as one ``[B, 5H]`` row:
-  ``d(h U) = [dh, dh, dh] * [K_r, K_z, K_un]``, ``d(x W)_n = dh * K_n`` and
-  ``dh_prev = d(h U) U^T + dh * z``.
+  coefficients from the forward pass, saved as ``K = [K_r, K_z, K_un]``
+  ``[B, 3H]`` and ``[K_n, z]`` ``[B, 2H]``: ``d(h U) = [dh, dh, dh] * K``,
+  ``d(x W)_n = dh * K_n`` and ``dh_prev = d(h U) U^T + dh * z``.
   """
   H = params["U"].shape[0]
 
@@ -233,9 +235,9 @@ def _gru_scan(params, xs, h0, mask, keep):
     if not keep:
       return h_next, y
     k_n = (1.0 - z) * (1.0 - n * n)
-    coefficients = jnp.concatenate(
-        [k_n * un * r * (1.0 - r), (h - n) * z * (1.0 - z), k_n * r, k_n, z], axis=-1)
-    return h_next, (y, coefficients, None if m_t is None else h_next)
+    k = jnp.concatenate([k_n * un * r * (1.0 - r), (h - n) * z * (1.0 - z), k_n * r], axis=-1)
+    nz = jnp.concatenate([k_n, z], axis=-1)
+    return h_next, (y, k, nz, None if m_t is None else h_next)
 
   return jax.lax.scan(body, h0, (xs, mask))
 
@@ -247,28 +249,32 @@ def gru_sequence(params, xs, h0, mask):
 
 
 def _gru_fwd(params, xs, h0, mask):
-  h_T, (hs, coefficients, carried) = _gru_scan(params, xs, h0, mask, keep=True)
+  h_T, (hs, ks, nzs, carried) = _gru_scan(params, xs, h0, mask, keep=True)
   h_prev = _shifted(h0, hs if carried is None else carried)
   # h0 itself is not needed, only its dtype for the cotangent.
-  return (h_T, hs), (params, xs, mask, coefficients, h_prev, jnp.zeros((0,), h0.dtype))
+  return (h_T, hs), (params, xs, mask, ks, nzs, h_prev, jnp.zeros((0,), h0.dtype))
 
 
 def _gru_bwd(res, cotangents):
-  params, xs, mask, coefficients, h_prev, h0_dtype = res
+  params, xs, mask, ks, nzs, h_prev, h0_dtype = res
   dh_T, dys = cotangents
   H = params["U"].shape[0]
   U_T = params["U"].T
 
-  def body(dh, inp):
-    dy_t, m_t, k = inp
+  def body(d, inp):
+    dh, buffer = d
+    t, dy_t, m_t, nz = inp
     dh_new = _on(m_t, dy_t + dh)
-    du = jnp.concatenate([dh_new, dh_new, dh_new], axis=-1) * k[:, :3 * H]  # d(h U)
-    dh_prev = du @ U_T + dh_new * k[:, 4 * H:] + _off(m_t, dh)
-    return dh_prev, (du, dh_new)
+    k = jax.lax.dynamic_index_in_dim(buffer, t, keepdims=False)
+    du = jnp.concatenate([dh_new, dh_new, dh_new], axis=-1) * k  # d(h U)
+    dh_prev = du @ U_T + dh_new * nz[:, H:] + _off(m_t, dh)
+    return (dh_prev, jax.lax.dynamic_update_index_in_dim(buffer, du, t, 0)), dh_new
 
-  dh0, (dus, dh_news) = jax.lax.scan(body, dh_T, (dys, mask, coefficients), reverse=True)
+  # d(h U)_t overwrites K_t, the last read of it: no new [T, B, 3H] buffer.
+  (dh0, dus), dh_news = jax.lax.scan(
+      body, (dh_T, ks), (jnp.arange(xs.shape[0]), dys, mask, nzs), reverse=True)
   das = jnp.concatenate(  # d(x W + b): r and z as in d(h U), n without the reset gate
-      [dus[..., :2 * H], dh_news * coefficients[..., 3 * H:4 * H]], axis=-1)
+      [dus[..., :2 * H], dh_news * nzs[..., :H]], axis=-1)
   grads = {
       "W": _flat(xs).T @ _flat(das),
       "U": _flat(h_prev).T @ _flat(dus),
