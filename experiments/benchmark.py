@@ -773,13 +773,12 @@ def profile_section(raw: dict) -> str:
     return title + "\n\nfailed: " + raw["error"].splitlines()[-1]
   step_ms = float(np.median(raw["step_ms"]))
   kernels = sorted(raw["kernels"].items(), key=lambda kv: -kv[1]["us"])
-  loops = sum(k["us"] for name, k in kernels if name.startswith("while")) / 1e3
   table = [[name + (" (loop: includes its body)" if name.startswith("while") else ""),
-            f"`{k['shape']}`", f"{k['calls']:g}", f"{k['us'] / 1e3:.2f}",
-            f"{100 * k['us'] / 1e3 / step_ms:.0f}"] for name, k in kernels[:PROFILE_TOP]]
+            "(loop state)" if k["shape"].startswith("(") else f"`{k['shape']}`",
+            f"{k['calls']:g}", f"{k['us'] / 1e3:.2f}", f"{100 * k['us'] / 1e3 / step_ms:.0f}"]
+           for name, k in kernels[:PROFILE_TOP]]
   lines = [title, f"Step {step_ms:.1f} ms (median of {len(raw['step_ms'])}, untraced); "
-           f"{raw['minor_faults_per_step']:,.0f} minor page faults per step; "
-           f"loops {loops:.1f} ms per step (traced).",
+           f"{raw['minor_faults_per_step']:,.0f} minor page faults per step.",
            md_table(["XLA kernel", "result", "calls / step", "ms / step", "% of step"], table)]
   return "\n\n".join(lines)
 
