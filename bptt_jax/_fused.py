@@ -3,12 +3,13 @@
 Autodiff through ``lax.scan`` saves every intermediate of the step and does a
 small weight-gradient matmul at every step of the backward loop. Here the
 backward step is written as what it is, linear in ``dh`` (and ``dc``): the
-forward step saves the step's coefficients of that linear map in one row, the
-backward loop carries only ``dh`` (and ``dc``) and emits the gate gradients
-``dZ`` ``[T, B, G*H]``, and the weight gradients are then computed after the
-loop as large matmuls: ``dW = X^T dZ``, ``dU = H_prev^T dZ``, ``dX = dZ W^T``.
-Each loop body is a few fused kernels and one matmul. The results equal
-autodiff to float rounding (tested).
+forward step saves the coefficients of that linear map, the backward loop
+carries only ``dh`` (and ``dc``) and writes each step's gate gradients ``dZ``
+over the step's gate coefficients (read for the last time there), and the
+weight gradients are then computed after the loop as large matmuls:
+``dW = X^T dZ``, ``dU = H_prev^T dZ``, ``dX = dZ W^T``. Each loop body is a
+few fused kernels and one matmul. The results equal autodiff to float
+rounding (tested).
 
 All arrays here are time-major; ``mask`` is ``None`` or ``[T, B, 1]`` of 0/1
 floats: where it is 0 the carry is kept and the output is zero, as in
