@@ -16,8 +16,8 @@ Implementations (on CPU; ``unroll``'s defaults there are no hoisting, fused):
   *_malloc           bptt_jax, flax or torch with glibc's allocator told to keep and
                      reuse big buffers (MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0
                      MALLOC_TRIM_THRESHOLD_=100000000000); otherwise every step's
-                     large buffers are fresh pages from the kernel, and touching
-                     them costs about 1 us per 4 KiB page
+                     large buffers are fresh pages from the kernel, and the first
+                     touch of each 4 KiB page faults (--profile counts them)
   bptt_jax_remat     unroll(remat="sqrt"): only in --memory-vs-T by default
   bptt_jax_segmented segmented_loss: loss inside checkpointed segments, O(sqrt T)
                      memory; only in --memory-vs-T by default
@@ -446,7 +446,8 @@ def worker_profile(task: dict) -> dict:
   impl, dims = IMPLS[task["impl"]], Dims(*task["dims"])
   case = jax_case(impl, task["cell"], dims, task["mode"])
   step = jax_stepper(case)
-  step(), step()  # compile, warm up
+  step()  # compile
+  step()  # warm up
   steps = task["steps"]
   faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   times = [timed(step)[0] for _ in range(steps)]

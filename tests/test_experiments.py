@@ -20,14 +20,19 @@ SCRIPTS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(SCRIPTS))
-def test_quick_mode_runs_and_writes_results(name, tmp_path):
+def run_quick(name, tmp_path, *args):
+  """Runs ``experiments/<name>.py --quick --out tmp_path *args``; fails with its output."""
   env = {**os.environ, "JAX_ENABLE_X64": "0", "PYTHONWARNINGS": "ignore"}
   proc = subprocess.run(
       [sys.executable, os.path.join(ROOT, "experiments", f"{name}.py"), "--quick",
-       "--out", str(tmp_path)],
+       "--out", str(tmp_path), *args],
       capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_quick_mode_runs_and_writes_results(name, tmp_path):
+  run_quick(name, tmp_path)
   for filename in SCRIPTS[name]:
     path = tmp_path / filename
     assert path.exists(), f"{name} did not write {filename}; wrote {os.listdir(tmp_path)}"
@@ -36,17 +41,8 @@ def test_quick_mode_runs_and_writes_results(name, tmp_path):
       assert record.get("figures") or record.get("results"), f"{filename} holds no figures"
 
 
-def run_benchmark(tmp_path, *args):
-  env = {**os.environ, "JAX_ENABLE_X64": "0", "PYTHONWARNINGS": "ignore"}
-  proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "experiments", "benchmark.py"), "--quick",
-       "--out", str(tmp_path), *args],
-      capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
-
 def test_benchmark_profile_reports_kernels_and_page_faults(tmp_path):
-  run_benchmark(tmp_path, "--profile", "--modes", "train", "--impls", "bptt_jax")
+  run_quick("benchmark", tmp_path, "--profile", "--modes", "train", "--impls", "bptt_jax")
   [raw] = json.loads((tmp_path / "profile.json").read_text())["figures"]["profiles"]
   assert "error" not in raw, raw.get("error")
   kernels = raw["kernels"]
@@ -60,8 +56,8 @@ def test_benchmark_profile_reports_kernels_and_page_faults(tmp_path):
   assert "### lstm/tiny/train, bptt_jax" in (tmp_path / "profile.md").read_text()
 
 
-def test_benchmark_ratios_pair_runs_with_the_same_allocator():
-  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+def test_benchmark_ratios_pair_runs_with_the_same_allocator(monkeypatch):
+  monkeypatch.syspath_prepend(os.path.join(ROOT, "experiments"))
   import benchmark
 
   def raw(impl, ms):
