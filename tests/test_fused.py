@@ -142,7 +142,7 @@ def test_fused_is_the_cpu_default_and_can_be_refused():
 
 @pytest.mark.parametrize("make", [bj.rnn, bj.lstm, bj.gru])
 def test_fused_float32_close_to_autodiff(make):
-  """In float32 too: the fused forward (e.g. LSTM's one-sigmoid gates) and gradients."""
+  """In float32 too: the fused forwards (with and without a backward pass) and gradients."""
   cell = make(32)
   params = cell.init(jax.random.key(0), 8)
   xs = jax.random.normal(jax.random.key(1), (4, 50, 8), jnp.float32)
@@ -157,6 +157,9 @@ def test_fused_float32_close_to_autodiff(make):
       params, False)
   assert hs_got.dtype == jnp.float32
   np.testing.assert_allclose(hs_got, hs_want, rtol=1e-5, atol=1e-6)
+  # Without a gradient the fused path runs its own forward (LSTM: per-gate slices).
+  forward = jax.jit(lambda p: bj.unroll(cell, p, xs, fused=True)[1])(params)
+  np.testing.assert_allclose(forward, hs_want, rtol=1e-5, atol=1e-6)
   for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
     assert a.dtype == jnp.float32
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
