@@ -1,11 +1,12 @@
-"""Tests for bptt_jax/_fit.py and bptt_jax/_checkpoint.py: the fit loop, checkpoints, resume.
+"""Tests for bptt_jax/_fit.py: the fit loop, its log, metrics fetches, resume.
 
-The in-process tests train a linear model (fast to compile); the kill test runs
-a small GRU in a subprocess, kills it with SIGKILL mid-training, resumes it,
-and compares its final params bit for bit with an uninterrupted run.
+The in-process tests train a linear model in float32 (fast to compile; the
+same with ``jax_enable_x64`` on or off); the kill test runs a small GRU in a
+subprocess, kills it with SIGKILL mid-training, resumes it, and compares its
+final params and history bit for bit with an uninterrupted run.
 """
 
-import functools
+import contextlib
 import json
 import os
 import signal
@@ -19,9 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from test_checkpoint import assert_trees_equal, corrupt, steps_in
 
 import bptt_jax as bj
-from bptt_jax import _checkpoint
+from bptt_jax import _checkpoint, _fit
+
+F32 = np.float32
 
 # ----------------------------------------------------------------------------
 # A tiny model: linear regression, trained with train_step.
@@ -38,30 +42,18 @@ STEP = bj.train_step(loss_fn, TX)
 
 
 def make_state():
-  return bj.TrainState.create({"w": np.zeros((3, 1)), "b": np.zeros(1)}, TX)
+  return bj.TrainState.create({"w": np.zeros((3, 1), F32), "b": np.zeros(1, F32)}, TX)
 
 
 def make_batches(n=3, bad=()):
   rng = np.random.default_rng(0)
   out = []
   for i in range(n):
-    x = rng.normal(size=(4, 3))
+    x = rng.normal(size=(4, 3)).astype(F32)
     if i in bad:
       x[0, 0] = np.nan
-    out.append({"x": x, "y": x @ np.array([[1.0], [-2.0], [0.5]]) + 0.3})
+    out.append({"x": x, "y": x @ np.array([[1.0], [-2.0], [0.5]], F32) + F32(0.3)})
   return out
-
-
-def leaves(tree):
-  return [np.asarray(a) for a in jax.tree_util.tree_leaves(tree)]
-
-
-def assert_trees_equal(a, b):
-  """Same structure, dtypes and bits."""
-  assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
-  for x, y in zip(leaves(a), leaves(b), strict=True):
-    assert x.dtype == y.dtype and x.shape == y.shape
-    np.testing.assert_array_equal(x.reshape(-1).view(np.uint8), y.reshape(-1).view(np.uint8))
 
 
 def manual_loop(batches, epochs, state=None):
@@ -78,6 +70,23 @@ def manual_loop(batches, epochs, state=None):
 def read_log(path):
   with open(path) as f:
     return [json.loads(line) for line in f]
+
+
+class Crash(Exception):
+  pass
+
+
+def crashing(at, step_fn=STEP):
+  """``step_fn`` that raises on its ``at``-th call, as a crash would."""
+  calls = []
+
+  def step(state, batch):
+    calls.append(None)
+    if len(calls) == at:
+      raise Crash
+    return step_fn(state, batch)
+
+  return step
 
 
 # ----------------------------------------------------------------------------
@@ -120,7 +129,7 @@ def test_eval_every(tmp_path):
   for r in history:
     if "eval_w0" in r:
       assert r["eval_w0"] == ref_w0[r["step"] - 1]  # params after that step
-  assert read_log(tmp_path / "log.jsonl")[1]["eval_w0"] == ref_w0[1]
+  assert read_log(tmp_path / "log.jsonl") == history  # the evaluation at the end too
 
 
 def test_eval_at_the_end_is_not_repeated():
@@ -131,8 +140,8 @@ def test_eval_at_the_end_is_not_repeated():
 
 
 def test_batches_function_gets_epoch_keys():
-  examples = {"x": np.random.default_rng(1).normal(size=(10, 3))}
-  examples["y"] = examples["x"] @ np.ones((3, 1))
+  examples = {"x": np.random.default_rng(1).normal(size=(10, 3)).astype(F32)}
+  examples["y"] = examples["x"] @ np.ones((3, 1), F32)
   batches = bj.data.shuffled_batches(examples, 4)
   key = jax.random.key(7)
   state, history = bj.fit(STEP, make_state(), batches, epochs=2, key=key)
@@ -143,14 +152,51 @@ def test_batches_function_gets_epoch_keys():
   assert_trees_equal(state, ref_state)
 
 
-def test_nonfinite_error_names_the_step():
+class Reiterable:
+  """Not a sequence, but ``iter()`` gives a fresh iterator each time."""
+
+  def __init__(self, batches):
+    self.batches = batches
+
+  def __iter__(self):
+    return iter(self.batches)
+
+
+def test_batches_sequence_reiterable_or_one_shot():
+  batches = make_batches(3)
+  ref_state, ref_losses = manual_loop(batches, 2)
+  for given in (tuple(batches), Reiterable(batches)):
+    state, history = bj.fit(STEP, make_state(), given, epochs=2)
+    np.testing.assert_array_equal([r["loss"] for r in history], ref_losses)
+    assert_trees_equal(state, ref_state)
+
+  # A generator is read once: fine for one epoch, an error for more.
+  state, history = bj.fit(STEP, make_state(), (b for b in batches + batches), epochs=1)
+  np.testing.assert_array_equal([r["loss"] for r in history], ref_losses)
+  assert_trees_equal(state, ref_state)
+  with pytest.raises(ValueError, match=r"one-shot iterator \(generator\).*epochs=2; pass a "
+                                       r"callable batches\(epoch, key\) or a sequence"):
+    bj.fit(STEP, make_state(), (b for b in batches), epochs=2)
+  with pytest.raises(ValueError, match="one-shot iterator"):
+    bj.fit(STEP, make_state(), iter(batches), epochs=3)
+  with pytest.raises(TypeError, match="batches must be a callable .* or an iterable of "
+                                      "batches, got int"):
+    bj.fit(STEP, make_state(), 3, epochs=1)
+
+
+@pytest.mark.parametrize("log_every", [1, 2, 20])
+def test_nonfinite_error_names_the_step(tmp_path, log_every):
+  log = str(tmp_path / "log.jsonl")
   batches = make_batches(6, bad=(1, 2, 3, 4))
   with pytest.raises(bj.NonFiniteError, match=r"3 consecutive non-finite .* up to step 4 "
                                               r"\(epoch 0, batch 3\)"):
-    bj.fit(STEP, make_state(), batches, epochs=1, max_nonfinite=3)
+    bj.fit(STEP, make_state(), batches, epochs=1, max_nonfinite=3, log_path=log,
+           log_every=log_every)
+  assert [r["step"] for r in read_log(log)] == [1, 2, 3]  # the steps before it
+  assert [r["nonfinite"] for r in read_log(log)] == [0, 1, 2]
   # A finite step in between resets the count: no error.
   _, history = bj.fit(STEP, make_state(), make_batches(6, bad=(0, 1, 3, 4)), epochs=1,
-                      max_nonfinite=3)
+                      max_nonfinite=3, log_every=log_every)
   assert [r["nonfinite"] for r in history] == [1, 2, 0, 1, 2, 0]
   assert [r["nonfinite_total"] for r in history] == [1, 2, 2, 3, 4, 4]
 
@@ -160,7 +206,12 @@ def test_nonfinite_error_names_the_step():
     (dict(epochs=1.5), "epochs must be a non-negative int"),
     (dict(epochs=1, eval_every=0), "eval_every must be a positive int or None"),
     (dict(epochs=1, checkpoint_every=-2), "checkpoint_every must be a positive int or None"),
+    (dict(epochs=1, log_every=0), "log_every must be a positive int, got 0"),
+    (dict(epochs=1, log_every=2.0), "log_every must be a positive int, got 2.0"),
     (dict(epochs=1, max_nonfinite=0), "max_nonfinite must be >= 1"),
+    (dict(epochs=1, resume="yes"), "resume must be None, 'auto', True or False, got 'yes'"),
+    (dict(epochs=1, resume=1), "resume must be None, 'auto', True or False, got 1"),
+    (dict(epochs=1, resume=True), "resume=True needs a checkpoint_dir"),
 ])
 def test_bad_settings_raise(kwargs, match):
   with pytest.raises(ValueError, match=match):
@@ -168,157 +219,281 @@ def test_bad_settings_raise(kwargs, match):
 
 
 def test_summarize_tbptt_metrics():
-  from bptt_jax._fit import summarize
-  out = summarize({"loss": np.array([1.0, 3.0]), "steps": np.array([4, 2]),
-                   "nonfinite": np.array([1, 0]), "nonfinite_total": np.array([3, 3]),
-                   "clipped": np.array([True, False]), "carry": np.zeros((2, 3))})
+  out = _fit.summarize({"loss": np.array([1.0, 3.0]), "steps": np.array([4, 2]),
+                        "nonfinite": np.array([1, 0]), "nonfinite_total": np.array([3, 3]),
+                        "clipped": np.array([True, False]), "carry": np.zeros((2, 3))})
   assert out == {"loss": 2.0, "steps": 6, "nonfinite": 0, "nonfinite_total": 3, "clipped": 0.5}
 
 
-class Crash(Exception):
-  pass
+# ----------------------------------------------------------------------------
+# Metrics stay on the device until fetched, every log_every steps.
 
 
-def crashing(at):
-  calls = []
+class Guarded:
+  """A metric on the device that only ``jax.device_get`` may read."""
 
+  reading = False
+
+  def __init__(self, value):
+    self.value = value
+
+  def __array__(self, dtype=None, copy=None):
+    if not Guarded.reading:
+      raise AssertionError("a metric was read outside jax.device_get")
+    return np.asarray(self.value, dtype)
+
+
+def guarded(step_fn):
   def step(state, batch):
-    calls.append(None)
-    if len(calls) == at:
-      raise Crash
-    return STEP(state, batch)
-
+    state, metrics = step_fn(state, batch)
+    return state, {k: Guarded(v) for k, v in metrics.items()}
   return step
 
 
-def test_resume_after_a_crash(tmp_path):
-  """Checkpoints every 4 steps, a crash at step 7: the rerun resumes from step 4,
-  drops the log lines of steps 5-6, and ends bit-identical to an unbroken run."""
+class Bar:
+  """Stands in for tqdm: records the count and the postfixes."""
+
+  def __init__(self, *, initial, **kwargs):
+    self.n, self.postfixes = initial, []
+
+  def update(self, n):
+    self.n += n
+
+  def set_postfix(self, **kwargs):
+    self.postfixes.append(kwargs)
+
+  def close(self):
+    pass
+
+
+@contextlib.contextmanager
+def fetches_counted():
+  """Counts ``jax.device_get`` calls; implicit device-to-host transfers raise.
+
+  The transfer guard only acts on backends with separate device memory (not on
+  CPU, where arrays are read in place); :class:`Guarded` metrics check the same
+  on every backend.
+  """
+  calls, bars = [], []
+  device_get = jax.device_get
+
+  def counting(x):
+    calls.append(x)
+    Guarded.reading = True
+    try:
+      return device_get(x)
+    finally:
+      Guarded.reading = False
+
+  def bar(**kwargs):
+    bars.append(Bar(**kwargs))
+    return bars[-1]
+
+  with pytest.MonkeyPatch.context() as mp, jax.transfer_guard_device_to_host("disallow"):
+    mp.setattr(jax, "device_get", counting)
+    mp.setattr(_fit, "tqdm", bar)
+    yield calls, bars
+
+
+def test_metrics_are_fetched_every_log_every_steps(tmp_path):
+  batches = make_batches(8)  # 5 epochs: 40 steps
+  ref_state, ref_history = bj.fit(STEP, make_state(), batches, epochs=5, log_every=1,
+                                  log_path=str(tmp_path / "ref.jsonl"))
+  with fetches_counted() as (calls, bars):
+    state, history = bj.fit(guarded(STEP), make_state(), batches, epochs=5, log_every=10,
+                            log_path=str(tmp_path / "log.jsonl"))
+  assert len(calls) == 4  # after steps 10, 20 and 30, and at the end
+  assert [len(c) for c in calls] == [10, 10, 10, 10]  # one call for all pending steps
+  assert bars[0].n == 40
+  assert [p["loss"] for p in bars[0].postfixes] == [
+      f"{ref_history[s - 1]['loss']:.4f}" for s in (10, 20, 30, 40)]
+  assert history == ref_history
+  assert read_log(tmp_path / "log.jsonl") == ref_history
+  assert_trees_equal(state, ref_state)
+
+  # More steps than log_every: everything is fetched once, at the end.
+  with fetches_counted() as (calls, _):
+    _, history = bj.fit(guarded(STEP), make_state(), batches, epochs=5, log_every=100,
+                        log_path=str(tmp_path / "once.jsonl"))
+  assert [len(c) for c in calls] == [40]
+  assert history == ref_history
+  assert read_log(tmp_path / "once.jsonl") == ref_history
+
+
+def test_fetches_before_evaluations_and_checkpoints(tmp_path):
+  batches = make_batches(8)  # 5 epochs: 40 steps
+  eval_fn = jax.jit(lambda p: {"w0": p["w"][0, 0], "b": p["b"][0]})
+  kwargs = dict(epochs=5, eval_fn=eval_fn, eval_every=15, checkpoint_every=25)
+  _, ref_history = bj.fit(STEP, make_state(), batches, log_every=1,
+                          checkpoint_dir=str(tmp_path / "ref"), **kwargs)
+  with fetches_counted() as (calls, _):
+    state, history = bj.fit(guarded(STEP), make_state(), batches, log_every=10,
+                            checkpoint_dir=str(tmp_path / "ckpt"), **kwargs)
+  # Metrics fetched after steps 10, 15 (eval), 20, 25 (checkpoint), 30 (eval)
+  # and at the end; evaluations at 15, 30 and the end; checkpoints at 25 and
+  # the end (one fetch each).
+  assert len(calls) == 6 + 3 + 2
+  assert [r["step"] for r in history if "eval_w0" in r] == [15, 30, 40]
+  assert history == ref_history
+  assert steps_in(tmp_path / "ckpt") == [25, 40]
+  _, tree = bj.restore_latest(str(tmp_path / "ckpt"), {"state": make_state(), "epoch": 0,
+                                                       "position": 0, "step": 0,
+                                                       "key": jax.random.key(0)})
+  assert_trees_equal(tree["state"], state)
+  assert (int(tree["epoch"]), int(tree["position"]), int(tree["step"])) == (5, 0, 40)
+
+
+def test_donating_step_fn(tmp_path):
+  """A step that donates its input state: fit never touches a state it passed on."""
+  donating = jax.jit(bj.train_step(loss_fn, TX, jit=False), donate_argnums=0)
+  given = jax.tree_util.tree_map(jnp.asarray, make_state())
   batches = make_batches(3)
-  ckpt, log = str(tmp_path / "ckpt"), str(tmp_path / "log.jsonl")
-  kwargs = dict(epochs=3, checkpoint_dir=ckpt, checkpoint_every=4, log_path=log)
+  eval_fn = jax.jit(lambda p: {"w0": p["w"][0, 0]})
+  kwargs = dict(epochs=4, eval_fn=eval_fn, eval_every=2, checkpoint_dir=str(tmp_path / "ckpt"),
+                checkpoint_every=5, log_path=str(tmp_path / "log.jsonl"), log_every=3,
+                resume="auto")
+  with pytest.raises(Crash):
+    bj.fit(crashing(8, donating), given, batches, **kwargs)
+  assert given.params["w"].is_deleted()  # the first step donated it
+  state, history = bj.fit(donating, make_state(), batches, **kwargs)
+  ref_state, ref_history = bj.fit(STEP, make_state(), batches, epochs=4, eval_fn=eval_fn,
+                                  eval_every=2)
+  assert history == ref_history
+  assert_trees_equal(state, ref_state)
+
+
+# ----------------------------------------------------------------------------
+# The log: runs appended one after another
+
+
+def test_log_is_appended_never_erased(tmp_path):
+  log = tmp_path / "log.jsonl"
+  _, first = bj.fit(STEP, make_state(), make_batches(3), epochs=1, log_path=str(log))
+  with open(log, "a") as f:
+    f.write('{"step": 4, "lo')  # a line cut short by a crash
+  _, second = bj.fit(STEP, make_state(), make_batches(2), epochs=2, log_path=str(log))
+  assert [r["step"] for r in second] == [1, 2, 3, 4]  # only this run's steps
+  assert read_log(log) == first + second
+
+
+@pytest.mark.parametrize("log_every", [1, 20])
+def test_resume_after_a_crash(tmp_path, log_every):
+  """Checkpoints every 4 steps, a crash at step 7: the rerun resumes from step 4,
+  drops the log lines of steps 5-6, keeps an earlier run's lines, returns the
+  whole history and ends bit-identical to an unbroken run."""
+  batches = make_batches(3)
+  ckpt, log = str(tmp_path / "ckpt"), tmp_path / "log.jsonl"
+  earlier = [{"step": s, "loss": 1.0 / s} for s in range(1, 7)]  # an earlier run
+  log.write_text("".join(json.dumps(r) + "\n" for r in earlier))
+  kwargs = dict(epochs=3, checkpoint_dir=ckpt, checkpoint_every=4, log_path=str(log),
+                log_every=log_every, resume="auto")
   with pytest.raises(Crash):
     bj.fit(crashing(at=7), make_state(), batches, **kwargs)
-  assert [r["step"] for r in read_log(log)] == [1, 2, 3, 4, 5, 6]
-  assert [s for s, _ in _checkpoint.list_checkpoints(ckpt)] == [4]
+  # Metrics are fetched every log_every steps and before each checkpoint.
+  logged = [1, 2, 3, 4, 5, 6] if log_every == 1 else [1, 2, 3, 4]
+  assert [r["step"] for r in read_log(log)] == [r["step"] for r in earlier] + logged
+  assert steps_in(ckpt) == [4]
   with open(log, "a") as f:
     f.write('{"step": 7, "lo')  # a line cut short by the crash
 
   state, history = bj.fit(STEP, make_state(), batches, **kwargs)
-  ref_state, ref_losses = manual_loop(batches, 3)
+  ref_state, ref_history = bj.fit(STEP, make_state(), batches, epochs=3)
+  _, ref_losses = manual_loop(batches, 3)
 
-  assert [r["step"] for r in history] == [5, 6, 7, 8, 9]
-  assert [r["epoch"] for r in history] == [1, 1, 2, 2, 2]
-  logged = read_log(log)
-  assert [r["step"] for r in logged] == list(range(1, 10))  # no duplicate, no gap
-  np.testing.assert_array_equal([r["loss"] for r in logged], ref_losses)
+  assert history == ref_history  # steps 1-4 read back from the log, then 5-9
+  np.testing.assert_array_equal([r["loss"] for r in history], ref_losses)
+  assert [r["epoch"] for r in history] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+  assert read_log(log) == earlier + ref_history  # no duplicate, no gap
   assert_trees_equal(state, ref_state)
-  assert [s for s, _ in _checkpoint.list_checkpoints(ckpt)] == [4, 8, 9]
+  assert steps_in(ckpt) == [4, 8, 9]
 
   # A finished run resumes at its end and does nothing more.
   again, history = bj.fit(crashing(at=1), make_state(), batches, **kwargs)
-  assert history == []
+  assert history == ref_history
+  assert read_log(log) == earlier + ref_history
   assert_trees_equal(again, ref_state)
 
 
-# ----------------------------------------------------------------------------
-# Checkpoints
+def test_resume_without_a_log_returns_the_new_steps(tmp_path):
+  batches = make_batches(3)
+  kwargs = dict(epochs=2, checkpoint_dir=str(tmp_path), checkpoint_every=2, resume=True)
+  with pytest.raises(Crash):
+    bj.fit(crashing(at=4), make_state(), batches, **{**kwargs, "resume": "auto"})
+  state, history = bj.fit(STEP, make_state(), batches, **kwargs)
+  _, ref_history = bj.fit(STEP, make_state(), batches, epochs=2)
+  assert history == ref_history[2:]  # resumed after step 2
+  assert_trees_equal(state, manual_loop(batches, 2)[0])
 
 
-@functools.lru_cache(maxsize=None)
-def adam_state():
-  """A TrainState after two adam updates (mixed dtypes, an LSTMState carry); built once."""
-  rng = np.random.default_rng(3)
-  params = {"cell": {"W": rng.normal(size=(2, 3)),
-                     "U": rng.normal(size=(3, 3)).astype(np.float32)},
-            "step_size": np.float64(0.1)}
-  tx = bj.optimizer(1e-2, max_norm=1.0)
-  carry = bj.LSTMState(np.ones((2, 3)), np.zeros((2, 3)))
-  state = bj.TrainState.create(params, tx, carry=carry)
-  grads = jax.tree_util.tree_map(lambda p: np.full(np.shape(p), 0.3, np.asarray(p).dtype),
-                                 params)
-  # Two real updates, so the adam moments and counts are not trivial.
-  update = jax.jit(lambda s, g: bj.apply_gradients(tx, s, 1.0, g))
-  for _ in range(2):
-    state, _ = update(state, grads)
-  return state
+def test_resume_keeps_the_key_and_its_implementation(tmp_path):
+  examples = {"x": np.random.default_rng(2).normal(size=(12, 3)).astype(F32)}
+  examples["y"] = examples["x"] @ np.ones((3, 1), F32)
+  batches = bj.data.shuffled_batches(examples, 4)
+  key = jax.random.key(3, impl="rbg")
+  kwargs = dict(epochs=4, key=key, checkpoint_dir=str(tmp_path), checkpoint_every=5,
+                resume="auto")
+  with pytest.raises(Crash):
+    bj.fit(crashing(at=7), make_state(), batches, **kwargs)
+  state, history = bj.fit(STEP, make_state(), batches, **kwargs)
+  ref_state, ref_history = bj.fit(STEP, make_state(), batches, epochs=4, key=key)
+  assert history == ref_history[5:]
+  assert_trees_equal(state, ref_state)
 
 
-def test_checkpoint_round_trip_is_bit_identical(tmp_path):
-  state = adam_state()
-  tree = {"state": state, "epoch": 3, "key": jax.random.key_data(jax.random.key(5))}
-  path = bj.save_checkpoint(str(tmp_path), 12, tree)
-  assert os.path.basename(path) == "ckpt_000000012.msgpack"
-  template = {"state": bj.TrainState.create(
-      jax.tree_util.tree_map(np.zeros_like, state.params), bj.optimizer(1e-2, max_norm=1.0),
-      carry=bj.LSTMState(np.zeros((2, 3)), np.zeros((2, 3)))),
-      "epoch": 0, "key": jax.random.key_data(jax.random.key(0))}
-  loaded = bj.load_checkpoint(path, template)
-  assert isinstance(loaded["state"], bj.TrainState)
-  assert isinstance(loaded["state"].carry, bj.LSTMState)
-  assert int(loaded["epoch"]) == 3
-  assert_trees_equal(jax.tree_util.tree_map(np.asarray, loaded["state"]), state)
-  np.testing.assert_array_equal(loaded["key"], tree["key"])
-  assert os.listdir(tmp_path) == ["ckpt_000000012.msgpack"]  # no temporary file left
-
-
-@pytest.mark.parametrize("cut, match", [
-    (0.5, "checksum mismatch .* cut short or altered"),
-    (-1, "checksum mismatch .* cut short or altered"),
-    (10, "not a bptt_jax checkpoint"),
-    (0, "not a bptt_jax checkpoint"),
-])
-def test_file_cut_short_raises_checkpoint_error(tmp_path, cut, match):
-  state = adam_state()
-  path = bj.save_checkpoint(str(tmp_path), 1, state)
-  data = open(path, "rb").read()
-  n = int(len(data) * cut) if isinstance(cut, float) else (len(data) + cut if cut < 0 else cut)
-  with open(path, "wb") as f:
-    f.write(data[:n])
-  with pytest.raises(bj.CheckpointError, match=match):
-    bj.load_checkpoint(path, state)
-
-
-def test_altered_or_foreign_checkpoint_raises(tmp_path):
-  state = adam_state()
-  path = bj.save_checkpoint(str(tmp_path), 1, state)
-  data = bytearray(open(path, "rb").read())
-  data[-5] ^= 0xFF
-  altered = str(tmp_path / "altered.msgpack")
-  open(altered, "wb").write(bytes(data))
-  with pytest.raises(bj.CheckpointError, match="checksum mismatch"):
-    bj.load_checkpoint(altered, state)
-  with pytest.raises(bj.CheckpointError, match="does not fit the expected structure"):
-    bj.load_checkpoint(path, {"something": np.zeros(3), "else": 1})
-  assert issubclass(bj.CheckpointError, ValueError)
-
-
-def test_restore_latest_skips_a_corrupt_newest(tmp_path):
+def test_resume_none_refuses_existing_checkpoints(tmp_path):
   d = str(tmp_path)
-  for step in (10, 20, 30):
-    bj.save_checkpoint(d, step, {"w": np.full(3, float(step))})
-  newest = os.path.join(d, "ckpt_000000030.msgpack")
-  data = open(newest, "rb").read()
-  open(newest, "wb").write(data[: len(data) // 2])
-  with pytest.warns(RuntimeWarning, match="skipping unreadable checkpoint: .*ckpt_000000030"):
-    step, tree = bj.restore_latest(d, {"w": np.zeros(3)})
-  assert step == 20
-  np.testing.assert_array_equal(tree["w"], np.full(3, 20.0))
+  batches = make_batches(4)
+  bj.fit(STEP, make_state(), batches, epochs=1, checkpoint_dir=d, checkpoint_every=2)
+  assert steps_in(d) == [2, 4]
+  with pytest.raises(ValueError, match=r"holds checkpoints of an earlier run \(the newest at "
+                                       r"step 4\); pass resume='auto' or resume=True to "
+                                       r"continue it, or resume=False to start over"):
+    bj.fit(STEP, make_state(), batches, epochs=2, checkpoint_dir=d)
+  assert steps_in(d) == [2, 4]  # left alone
 
 
-def test_restore_latest_without_checkpoints(tmp_path):
-  assert bj.restore_latest(str(tmp_path / "missing"), {"w": np.zeros(3)}) is None
-  (tmp_path / "notes.txt").write_text("not a checkpoint")
-  assert bj.restore_latest(str(tmp_path), {"w": np.zeros(3)}) is None
+def test_resume_true_needs_a_readable_checkpoint(tmp_path):
+  d = tmp_path / "ckpt"
+  with pytest.raises(ValueError, match="resume=True but .* holds no readable checkpoint"):
+    bj.fit(STEP, make_state(), make_batches(2), epochs=1, checkpoint_dir=str(d), resume=True)
+  bj.save_checkpoint(str(d), 3, {"w": np.zeros(2, F32)})
+  corrupt(str(d / "ckpt_000000003.msgpack"))
+  with pytest.warns(RuntimeWarning, match="skipping unreadable checkpoint"), \
+       pytest.raises(ValueError, match="holds no readable checkpoint"):
+    bj.fit(STEP, make_state(), make_batches(2), epochs=1, checkpoint_dir=str(d), resume=True)
 
 
-def test_keep_deletes_old_checkpoints(tmp_path):
-  d = str(tmp_path)
-  for step in range(1, 6):
-    bj.save_checkpoint(d, step, {"w": np.full(2, float(step))}, keep=2)
-  assert sorted(os.listdir(d)) == ["ckpt_000000004.msgpack", "ckpt_000000005.msgpack"]
-  with pytest.raises(ValueError, match="keep must be >= 1"):
-    bj.save_checkpoint(d, 6, {"w": np.zeros(2)}, keep=0)
+def test_resume_auto_starts_fresh_without_checkpoints(tmp_path):
+  batches = make_batches(3)
+  state, history = bj.fit(STEP, make_state(), batches, epochs=2, resume="auto",
+                          checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=4)
+  ref_state, ref_losses = manual_loop(batches, 2)
+  np.testing.assert_array_equal([r["loss"] for r in history], ref_losses)
+  assert_trees_equal(state, ref_state)
+  assert steps_in(tmp_path / "ckpt") == [4, 6]
+
+
+def test_resume_false_starts_over_and_removes_the_old_checkpoints(tmp_path):
+  d, log = str(tmp_path / "ckpt"), str(tmp_path / "log.jsonl")
+  with pytest.raises(Crash):  # an old run, cut off after its checkpoint at step 4
+    bj.fit(crashing(at=6), make_state(), make_batches(5), epochs=2, checkpoint_dir=d,
+           checkpoint_every=4, log_path=log, log_every=1)
+  assert steps_in(d) == [4]
+  batches = make_batches(2)
+  with pytest.warns(UserWarning, match=r"resume=False: removed 1 checkpoint\(s\) of an "
+                                       r"earlier run from .*ckpt"):
+    state, history = bj.fit(STEP, make_state(), batches, epochs=1, checkpoint_dir=d,
+                            log_path=log, resume=False)
+  ref_state, ref_losses = manual_loop(batches, 1)
+  np.testing.assert_array_equal([r["loss"] for r in history], ref_losses)
+  assert_trees_equal(state, ref_state)
+  assert steps_in(d) == [2]  # the new run's only
+  assert [r["step"] for r in read_log(log)] == [1, 2, 3, 4, 5, 1, 2]  # appended
+  # A later resume continues the new run, not the old one.
+  again, history = bj.fit(STEP, make_state(), batches, epochs=1, checkpoint_dir=d,
+                          log_path=log, resume=True)
+  assert [r["step"] for r in history] == [1, 2]
+  assert_trees_equal(again, ref_state)
 
 
 # ----------------------------------------------------------------------------
@@ -326,7 +501,7 @@ def test_keep_deletes_old_checkpoints(tmp_path):
 
 SCRIPT = textwrap.dedent('''
     """Trains a small GRU with fit(); argv: out_dir ckpt_dir seconds_per_step."""
-    import os, sys, time
+    import json, os, sys, time
     import jax, jax.numpy as jnp, numpy as np
     import bptt_jax as bj
 
@@ -349,10 +524,13 @@ SCRIPT = textwrap.dedent('''
       time.sleep(delay)  # slow enough for the kill to land mid-run
       return train(state, batch)
 
-    state, _ = bj.fit(step, bj.TrainState.create(params, tx),
-                      bj.data.shuffled_batches({"xs": xs, "ys": ys}, B), epochs=10,
-                      key=jax.random.key(1), checkpoint_dir=ckpt_dir, checkpoint_every=4,
-                      keep=2, log_path=os.path.join(out_dir, "log.jsonl"), progress=False)
+    state, history = bj.fit(step, bj.TrainState.create(params, tx),
+                            bj.data.shuffled_batches({"xs": xs, "ys": ys}, B), epochs=10,
+                            key=jax.random.key(1), checkpoint_dir=ckpt_dir, checkpoint_every=4,
+                      keep=2, log_path=os.path.join(out_dir, "log.jsonl"), progress=False,
+                      resume="auto")
+    with open(os.path.join(out_dir, "history.json"), "w") as f:
+      json.dump(history, f)
     np.savez(os.path.join(out_dir, "final.npz"),
              *[np.asarray(a) for a in jax.tree_util.tree_leaves(state.params)])
 ''')
@@ -403,17 +581,20 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
   for a, b in zip(resumed, reference, strict=True):
     assert a.dtype == b.dtype
     np.testing.assert_array_equal(a, b)
-  logged = [r["step"] for r in read_log(killed_out / "log.jsonl")]
-  assert logged == list(range(1, 41))  # each step logged once across the kill
+  logged = read_log(killed_out / "log.jsonl")
+  assert [r["step"] for r in logged] == list(range(1, 41))  # each step logged once
+  with open(killed_out / "history.json") as f, open(whole_out / "history.json") as g:
+    history, reference = json.load(f), json.load(g)
+  assert history == reference == logged  # the whole run's history, across the kill
   assert [s for s, _ in _checkpoint.list_checkpoints(str(killed_ckpt))] == [36, 40]
 
 
 def test_streaming_fit_compiles_once():
   """A whole training loop (2 epochs x 3 streamed batches, TBPTT) traces its step once."""
   traces = []
-  cell = bj.gru(4, dtype=jnp.float64)
+  cell = bj.gru(4, dtype=jnp.float32)
   k_cell, k_head = jax.random.split(jax.random.key(0))
-  params = {"cell": cell.init(k_cell, 2), "head": bj.init_readout(k_head, 4, 1, jnp.float64)}
+  params = {"cell": cell.init(k_cell, 2), "head": bj.init_readout(k_head, 4, 1, jnp.float32)}
 
   def step_loss(params, hs, ys):
     traces.append(hs.shape)
@@ -421,9 +602,9 @@ def test_streaming_fit_compiles_once():
 
   tx = bj.optimizer(1e-2)
   step = bj.tbptt_step(cell, step_loss, tx, k1=4)
-  xs = np.random.default_rng(0).normal(size=(3, 2, 10, 2))
+  xs = np.random.default_rng(0).normal(size=(3, 2, 10, 2)).astype(F32)
   batches = [{"xs": xs[i], "ys": xs[i, ..., :1]} for i in range(3)]
-  state = bj.TrainState.create(params, tx, carry=cell.initial_carry(2, jnp.float64))
+  state = bj.TrainState.create(params, tx, carry=cell.initial_carry(2, jnp.float32))
   state, history = bj.fit(step, state, batches, epochs=2, progress=False)
   assert len(history) == 6
   assert traces == [(2, 4, 4)]
