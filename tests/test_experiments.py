@@ -1,6 +1,7 @@
 """Every experiment script's --quick mode runs to the end and writes its figures."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -56,15 +57,30 @@ def test_benchmark_profile_reports_kernels_and_page_faults(tmp_path):
   assert "### lstm/tiny/train, bptt_jax" in (tmp_path / "profile.md").read_text()
 
 
+def test_benchmark_bf16_step_is_timed_and_keeps_the_float32_loss(tmp_path):
+  run_quick("benchmark", tmp_path, "--modes", "train", "--impls", "bptt_jax", "bptt_jax_bf16",
+            "--no-memory")
+  timing = json.loads((tmp_path / "benchmark.json").read_text())["figures"]["timing"]
+  rows = {r["impl"]: r for r in timing}
+  f32, bf16 = rows["bptt_jax"], rows["bptt_jax_bf16"]
+  assert "median_ms" in bf16, bf16["errors"]
+  assert math.isfinite(bf16["median_ms"]) and bf16["median_ms"] > 0
+  # The loss of the first step: the same params and data, before any update.
+  [[f32_loss, _]], [[bf16_loss, _]] = f32["losses"], bf16["losses"]
+  assert bf16_loss == pytest.approx(f32_loss, rel=5e-2)
+  assert bf16_loss != f32_loss  # the recurrence really ran in bfloat16
+  assert "bptt_jax_bf16 ms" in (tmp_path / "benchmark.md").read_text()
+
+
 def test_benchmark_ratios_pair_runs_with_the_same_allocator(monkeypatch):
   monkeypatch.syspath_prepend(os.path.join(ROOT, "experiments"))
-  import benchmark
+  from bench import report
 
   def raw(impl, ms):
     return {"cell": "lstm", "config": "small", "mode": "train", "impl": impl,
             "dims": [1, 1, 1, 1], "times_ms": [ms], "losses": [[1.0, 1.0]]}
 
-  rows = benchmark.summarize_timing(
+  rows = report.summarize_timing(
       [raw("bptt_jax", 10.0), raw("bptt_jax_malloc", 6.0), raw("torch", 20.0),
        raw("torch_malloc", 4.0), raw("flax", 5.0), raw("flax_malloc", 12.0)], peak_gflops=1.0)
   by_impl = {r["impl"]: r for r in rows}
