@@ -2,7 +2,6 @@
 
 from bptt_jax import data as data
 from bptt_jax._cells import Cell as Cell
-from bptt_jax._cells import LSTMState as LSTMState
 from bptt_jax._cells import as_cell as as_cell
 from bptt_jax._cells import from_flax as from_flax
 from bptt_jax._cells import gru as gru
@@ -14,6 +13,9 @@ from bptt_jax._checkpoint import CheckpointError as CheckpointError
 from bptt_jax._checkpoint import load as load_checkpoint
 from bptt_jax._checkpoint import restore_latest as restore_latest
 from bptt_jax._checkpoint import save as save_checkpoint
+from bptt_jax._common import LSTMState as LSTMState
+from bptt_jax._common import compute_dtype as compute_dtype
+from bptt_jax._common import length_mask as length_mask
 from bptt_jax._fit import NonFiniteError as NonFiniteError
 from bptt_jax._fit import fit as fit
 from bptt_jax._gradients import RNNGrads as RNNGrads
@@ -29,26 +31,32 @@ from bptt_jax._losses import readout as readout
 from bptt_jax._losses import sequence_loss as sequence_loss
 from bptt_jax._losses import sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy
 from bptt_jax._losses import softmax_cross_entropy as softmax_cross_entropy
+from bptt_jax._model import Model as Model
+from bptt_jax._model import as_model as as_model
+from bptt_jax._model import cell_model as cell_model
+from bptt_jax._model import model_loss as model_loss
+from bptt_jax._model import segmented_loss as segmented_loss
 from bptt_jax._training import TrainState as TrainState
 from bptt_jax._training import apply_gradients as apply_gradients
 from bptt_jax._training import guard as guard
 from bptt_jax._training import optimizer as optimizer
 from bptt_jax._training import train_step as train_step
+from bptt_jax._truncated import StreamCarry as StreamCarry
+from bptt_jax._truncated import stream_carry as stream_carry
 from bptt_jax._truncated import tbptt_step as tbptt_step
 from bptt_jax._unroll import bidirectional as bidirectional
 from bptt_jax._unroll import default_hoist as default_hoist
-from bptt_jax._unroll import length_mask as length_mask
-from bptt_jax._unroll import segmented_loss as segmented_loss
 from bptt_jax._unroll import unroll as unroll
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Cell", "CheckpointError", "LSTMState", "NonFiniteError", "RNNGrads", "TrainState",
-    "apply_gradients", "as_cell", "bidirectional", "data", "default_hoist", "final_loss", "fit",
-    "from_flax", "gradient_flow", "gru", "guard", "init_readout", "irnn", "jacobian_norms",
-    "last_step", "length_mask", "load_checkpoint", "lstm", "mse", "optimizer", "readout",
+    "Cell", "CheckpointError", "LSTMState", "Model", "NonFiniteError", "RNNGrads",
+    "StreamCarry", "TrainState", "apply_gradients", "as_cell", "as_model", "bidirectional",
+    "cell_model", "compute_dtype", "data", "default_hoist", "final_loss", "fit", "from_flax",
+    "gradient_flow", "gru", "guard", "init_readout", "irnn", "jacobian_norms", "last_step",
+    "length_mask", "load_checkpoint", "lstm", "model_loss", "mse", "optimizer", "readout",
     "restore_latest", "rnn", "rnn_bptt", "rnn_value_and_grad", "save_checkpoint",
     "segmented_loss", "sequence_loss", "sigmoid_binary_cross_entropy", "softmax_cross_entropy",
-    "stack", "tbptt_step", "train_step", "unroll",
+    "stack", "stream_carry", "tbptt_step", "train_step", "unroll",
 ]

@@ -16,13 +16,13 @@ Shapes: ``B`` batch, ``D`` input features, ``H`` hidden units, ``G`` gates
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from bptt_jax import _fused
+from bptt_jax._common import LSTMState, check_positive_int
 
 Array = jax.Array
 Params = Any
@@ -30,18 +30,6 @@ Carry = Any
 
 _ACTIVATIONS = {"tanh": jnp.tanh, "relu": jax.nn.relu}
 _LN_EPS = 1e-5
-
-
-class LSTMState(NamedTuple):
-  """The carry of an LSTM.
-
-  Attributes:
-    h: hidden state, ``[B, H]``.
-    c: cell state, ``[B, H]``.
-  """
-
-  h: Array
-  c: Array
 
 
 class Cell(NamedTuple):
@@ -63,10 +51,13 @@ class Cell(NamedTuple):
     input_size: optional ``input_size(params) -> D``, used to check inputs.
     hidden_size: ``H``, or ``None`` if unknown.
     name: a short name for messages.
-    sequence: optional ``sequence(params, xs, carry, mask) -> (carry, hs)``
-      over a whole time-major sequence (``xs`` ``[T, B, D]``, ``mask`` ``None``
-      or ``[T, B, 1]`` of 0/1), with a hand-written backward pass; used by
-      :func:`bptt_jax.unroll` when ``fused``.
+    sequence: optional ``sequence(params, xs, carry, mask, unroll=1) -> (carry,
+      hs)`` over a whole time-major sequence (``xs`` ``[T, B, D]`` with masked
+      steps already zero, ``mask`` ``None`` or ``[T, B, 1]`` booleans), with a
+      hand-written backward pass; used by :func:`bptt_jax.unroll` when ``fused``.
+    layers: for a :func:`stack`, the stacked cells (bottom first); ``unroll``
+      then runs them one after another over the whole sequence, each on its
+      own fastest path. ``None`` for a single cell.
   """
 
   init: Callable[..., Params] | None
@@ -79,6 +70,7 @@ class Cell(NamedTuple):
   hidden_size: int | None = None
   name: str = "cell"
   sequence: Callable | None = None
+  layers: tuple | None = None
 
 
 def as_cell(cell_or_step) -> Cell:
@@ -143,14 +135,9 @@ def _recurrent_init(name, gates, hidden_size):
   return init
 
 
-def _check_size(name, value):
-  if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-    raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
 def _dense_init(key, input_size, hidden_size, gates, input_init, recurrent_init,
                 dtype, layer_norm):
-  _check_size("input_size", input_size)
+  check_positive_int("input_size", input_size)
   k_w, k_u = jax.random.split(key)
   gh = gates * hidden_size
   params = {
@@ -215,6 +202,13 @@ def _make(name, hidden_size, layer_norm, init, initial_carry, recur, hidden,
   )
 
 
+def _by_unroll(fused_sequence):
+  """``sequence(params, xs, carry, mask, unroll=1)`` from ``fused(unroll, ...)``."""
+  def sequence(params, xs, carry, mask, unroll=1):
+    return fused_sequence(unroll, params, xs, carry, mask)
+  return sequence
+
+
 def _zeros_carry(hidden_size):
   def initial_carry(batch_size, dtype=jnp.float32):
     return jnp.zeros((batch_size, hidden_size), dtype)
@@ -258,7 +252,7 @@ def rnn(hidden_size: int, activation: str = "tanh", *, layer_norm: bool = False,
   Raises:
     ValueError: unknown activation or initializer, or a non-positive size.
   """
-  _check_size("hidden_size", hidden_size)
+  check_positive_int("hidden_size", hidden_size)
   if activation not in _ACTIVATIONS:
     raise ValueError(
         f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}"
@@ -275,7 +269,9 @@ def rnn(hidden_size: int, activation: str = "tanh", *, layer_norm: bool = False,
     h = f(p_t + _hu(params, h, layer_norm))
     return h, h
 
-  sequence = functools.partial(_fused.rnn_sequence, activation)
+  def sequence(params, xs, carry, mask, unroll=1):
+    return _fused.rnn_sequence((activation, unroll), params, xs, carry, mask)
+
   return _make(f"rnn_{activation}", hidden_size, layer_norm, init,
                _zeros_carry(hidden_size), recur, lambda h: h, sequence)
 
@@ -319,7 +315,7 @@ def lstm(hidden_size: int, *, layer_norm: bool = False, forget_bias: float = 1.0
   Returns:
     A :class:`Cell`.
   """
-  _check_size("hidden_size", hidden_size)
+  check_positive_int("hidden_size", hidden_size)
   _input_init(input_init)
   _recurrent_init(recurrent_init, 4, hidden_size)
   H = hidden_size
@@ -345,7 +341,7 @@ def lstm(hidden_size: int, *, layer_norm: bool = False, forget_bias: float = 1.0
     return LSTMState(h, c), h
 
   return _make("lstm", H, layer_norm, init, initial_carry, recur,
-               lambda carry: carry.h, _fused.lstm_sequence)
+               lambda carry: carry.h, _by_unroll(_fused.lstm_sequence))
 
 
 def gru(hidden_size: int, *, layer_norm: bool = False,
@@ -372,7 +368,7 @@ def gru(hidden_size: int, *, layer_norm: bool = False,
   Returns:
     A :class:`Cell`.
   """
-  _check_size("hidden_size", hidden_size)
+  check_positive_int("hidden_size", hidden_size)
   _input_init(input_init)
   _recurrent_init(recurrent_init, 3, hidden_size)
   H = hidden_size
@@ -394,7 +390,7 @@ def gru(hidden_size: int, *, layer_norm: bool = False,
     return h, h
 
   return _make("gru", H, layer_norm, init, _zeros_carry(H), recur, lambda h: h,
-               _fused.gru_sequence)
+               _by_unroll(_fused.gru_sequence))
 
 
 # ----------------------------------------------------------------------------
@@ -405,7 +401,10 @@ def stack(*cells: Cell) -> Cell:
   """Stacks cells: the hidden state of layer ``l`` is the input of ``l + 1``.
 
   Params are a tuple with one entry per layer, the carry a tuple of the layers'
-  carries, and the output the top layer's hidden state.
+  carries, and the output the top layer's hidden state. :func:`bptt_jax.unroll`
+  runs a stack layer by layer, each over the whole sequence (as cuDNN does), so
+  every built-in layer gets its hand-written backward pass; ``step`` advances
+  all layers by one step, for sampling and the diagnostics.
 
   Raises:
     ValueError: if no cell is given or a layer has no ``init``/``hidden_size``.
@@ -442,6 +441,7 @@ def stack(*cells: Cell) -> Cell:
       if first.input_size else None,
       hidden_size=cells[-1].hidden_size,
       name="stack(" + ", ".join(c.name for c in cells) + ")",
+      layers=cells,
   )
 
 
@@ -467,7 +467,7 @@ def from_flax(module) -> Cell:
     )
 
   def init(key, input_size):
-    _check_size("input_size", input_size)
+    check_positive_int("input_size", input_size)
     x = jnp.zeros((1, input_size), module.param_dtype)
     carry = module.initialize_carry(jax.random.key(0), x.shape)
     return module.init(key, carry, x)["params"]

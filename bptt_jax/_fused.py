@@ -11,9 +11,12 @@ weight gradients are then computed after the loop as large matmuls:
 few fused kernels and one matmul. The results equal autodiff to float
 rounding (tested).
 
-All arrays here are time-major; ``mask`` is ``None`` or ``[T, B, 1]`` of 0/1
-floats: where it is 0 the carry is kept and the output is zero, as in
-:func:`bptt_jax.unroll`.
+All arrays here are time-major; ``mask`` is ``None`` or ``[T, B, 1]``
+booleans: where it is false the carry is kept and the output is zero, as in
+:func:`bptt_jax.unroll`. Masked steps are selected out (``jnp.where``), never
+multiplied by zero, and their inputs must already be zeros (``unroll`` does
+that), so padding that holds NaN reaches no value and no gradient. ``unroll``
+is ``jax.lax.scan``'s, for the forward and the backward loop.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+from bptt_jax._common import LSTMState
 
 _sigmoid = jax.nn.sigmoid
 
@@ -37,17 +42,17 @@ def _flat(a):
 
 def _keep(m, new, old):
   """The carry after a step: ``new`` where the mask is on (no mask: always)."""
-  return new if m is None else old + m * (new - old)
+  return new if m is None else jnp.where(m, new, old)
 
 
 def _on(m, a):
   """``a`` where the mask is on, 0 elsewhere."""
-  return a if m is None else m * a
+  return a if m is None else jnp.where(m, a, jnp.zeros((), a.dtype))
 
 
 def _off(m, a):
   """``a`` where the mask is off, 0 elsewhere (nothing without a mask)."""
-  return 0.0 if m is None else (1.0 - m) * a
+  return 0.0 if m is None else jnp.where(m, jnp.zeros((), a.dtype), a)
 
 
 def _zeros_like(tree):
@@ -55,17 +60,21 @@ def _zeros_like(tree):
 
 
 def _cotangents(primals, grads):
-  """``grads`` with each leaf cast to its primal's dtype (as autodiff returns them)."""
-  return jax.tree_util.tree_map(
-      lambda p, g: None if p is None else g.astype(p.dtype), primals, grads,
-      is_leaf=lambda x: x is None)
+  """``grads`` with each leaf cast to its primal's dtype (as autodiff returns them).
+
+  The last primal is the boolean mask (or ``None``): its cotangent is ``None``,
+  a symbolic zero.
+  """
+  cast = jax.tree_util.tree_map(lambda p, g: g.astype(p.dtype), primals[:-1], grads)
+  return (*cast, None)
 
 
 # ----------------------------------------------------------------------------
 # Vanilla RNN: h_t = f(x_t W + h_{t-1} U + b).
 
 
-def _rnn_forward(activation, params, xs, h0, mask):
+def _rnn_forward(config, params, xs, h0, mask):
+  activation, unroll = config
   f = jnp.tanh if activation == "tanh" else jax.nn.relu
   WU = jnp.concatenate([params["W"], params["U"]], axis=0)
 
@@ -75,24 +84,28 @@ def _rnn_forward(activation, params, xs, h0, mask):
     h = _keep(m_t, h_new, h)
     return h, (_on(m_t, h_new), None if m_t is None else h)
 
-  h_T, (hs, carried) = jax.lax.scan(body, h0, (xs, mask))
+  h_T, (hs, carried) = jax.lax.scan(body, h0, (xs, mask), unroll=unroll)
   return h_T, hs, hs if carried is None else carried
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def rnn_sequence(activation, params, xs, h0, mask):
-  """``(h_T, hs)`` for the vanilla RNN, with a hand-written backward pass."""
-  h_T, hs, _ = _rnn_forward(activation, params, xs, h0, mask)
+def rnn_sequence(config, params, xs, h0, mask):
+  """``(h_T, hs)`` for the vanilla RNN, with a hand-written backward pass.
+
+  ``config`` is ``(activation, unroll)``.
+  """
+  h_T, hs, _ = _rnn_forward(config, params, xs, h0, mask)
   return h_T, hs
 
 
-def _rnn_fwd(activation, params, xs, h0, mask):
-  h_T, hs, carried = _rnn_forward(activation, params, xs, h0, mask)
+def _rnn_fwd(config, params, xs, h0, mask):
+  h_T, hs, carried = _rnn_forward(config, params, xs, h0, mask)
   h_new = hs if mask is None else carried  # f(a_t) where the mask is on
   return (h_T, hs), (params, xs, h0, mask, h_new, _shifted(h0, carried))
 
 
-def _rnn_bwd(activation, res, cotangents):
+def _rnn_bwd(config, res, cotangents):
+  activation, unroll = config
   params, xs, h0, mask, h_new, h_prev = res
   dh_T, dys = cotangents
   U_T = params["U"].T
@@ -103,14 +116,14 @@ def _rnn_bwd(activation, res, cotangents):
     da = _on(m_t, dy_t + dh) * fprime
     return da @ U_T + _off(m_t, dh), da
 
-  dh0, das = jax.lax.scan(body, dh_T, (h_new, dys, mask), reverse=True)
+  dh0, das = jax.lax.scan(body, dh_T, (h_new, dys, mask), reverse=True, unroll=unroll)
   grads = {
       "W": _flat(xs).T @ _flat(das),
       "U": _flat(h_prev).T @ _flat(das),
       "b": jnp.sum(das, axis=(0, 1)),
   }
   return _cotangents((params, xs, h0, mask), (
-      {**_zeros_like(params), **grads}, das @ params["W"].T, dh0, _zeros_like(mask)))
+      {**_zeros_like(params), **grads}, das @ params["W"].T, dh0))
 
 
 rnn_sequence.defvjp(_rnn_fwd, _rnn_bwd)
@@ -131,7 +144,7 @@ def _lstm_gates(z, H):
   return _sigmoid(z * scale) * scale - (scale - 1)
 
 
-def _lstm_scan(params, xs, carry, mask, keep):
+def _lstm_scan(unroll, params, xs, carry, mask, keep):
   """The forward loop; with ``keep``, also the backward coefficients of each step.
 
   The backward step is linear in ``(dh, dc)`` with coefficients that depend
@@ -162,22 +175,22 @@ def _lstm_scan(params, xs, carry, mask, keep):
     of = jnp.concatenate([o * (1.0 - tc * tc), f], axis=-1)
     return new, (y, k, of, None if m_t is None else new.h)
 
-  return jax.lax.scan(body, carry, (xs, mask))
+  return jax.lax.scan(body, carry, (xs, mask), unroll=unroll)
 
 
-@jax.custom_vjp
-def lstm_sequence(params, xs, carry, mask):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def lstm_sequence(unroll, params, xs, carry, mask):
   """``(LSTMState at T, hs)`` for the LSTM, with a hand-written backward pass."""
-  return _lstm_scan(params, xs, carry, mask, keep=False)
+  return _lstm_scan(unroll, params, xs, carry, mask, keep=False)
 
 
-def _lstm_fwd(params, xs, carry, mask):
-  final, (hs, ks, ofs, carried) = _lstm_scan(params, xs, carry, mask, keep=True)
+def _lstm_fwd(unroll, params, xs, carry, mask):
+  final, (hs, ks, ofs, carried) = _lstm_scan(unroll, params, xs, carry, mask, keep=True)
   h_prev = _shifted(carry.h, hs if carried is None else carried)
   return (final, hs), (params, xs, carry.c, mask, ks, ofs, h_prev)
 
 
-def _lstm_bwd(res, cotangents):
+def _lstm_bwd(unroll, res, cotangents):
   params, xs, c0, mask, ks, ofs, h_prev = res
   (dh_T, dc_T), dys = cotangents
   H = params["U"].shape[0]
@@ -196,17 +209,15 @@ def _lstm_bwd(res, cotangents):
 
   # dZ_t overwrites K_t, the last read of it: no new [T, B, 4H] buffer.
   (dh0, dc0, dzs), _ = jax.lax.scan(
-      body, (dh_T, dc_T, ks), (jnp.arange(xs.shape[0]), dys, mask, ofs), reverse=True)
+      body, (dh_T, dc_T, ks), (jnp.arange(xs.shape[0]), dys, mask, ofs), reverse=True,
+      unroll=unroll)
   grads = {
       "W": _flat(xs).T @ _flat(dzs),
       "U": _flat(h_prev).T @ _flat(dzs),
       "b": jnp.sum(dzs, axis=(0, 1)),
   }
-  from bptt_jax._cells import LSTMState  # _cells imports this module
-
   return _cotangents((params, xs, LSTMState(c0, c0), mask), (
-      {**_zeros_like(params), **grads}, dzs @ params["W"].T, LSTMState(dh0, dc0),
-      _zeros_like(mask)))
+      {**_zeros_like(params), **grads}, dzs @ params["W"].T, LSTMState(dh0, dc0)))
 
 
 lstm_sequence.defvjp(_lstm_fwd, _lstm_bwd)
@@ -216,7 +227,7 @@ lstm_sequence.defvjp(_lstm_fwd, _lstm_bwd)
 # GRU (PyTorch form), gates (r, z, n).
 
 
-def _gru_scan(params, xs, h0, mask, keep):
+def _gru_scan(unroll, params, xs, h0, mask, keep):
   """The forward loop; with ``keep``, also the backward coefficients of each step.
 
   Given ``dh`` at the new state, the step's gradients are ``dh`` times
@@ -244,23 +255,23 @@ def _gru_scan(params, xs, h0, mask, keep):
     nz = jnp.concatenate([k_n, z], axis=-1)
     return h_next, (y, k, nz, None if m_t is None else h_next)
 
-  return jax.lax.scan(body, h0, (xs, mask))
+  return jax.lax.scan(body, h0, (xs, mask), unroll=unroll)
 
 
-@jax.custom_vjp
-def gru_sequence(params, xs, h0, mask):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def gru_sequence(unroll, params, xs, h0, mask):
   """``(h_T, hs)`` for the GRU, with a hand-written backward pass."""
-  return _gru_scan(params, xs, h0, mask, keep=False)
+  return _gru_scan(unroll, params, xs, h0, mask, keep=False)
 
 
-def _gru_fwd(params, xs, h0, mask):
-  h_T, (hs, ks, nzs, carried) = _gru_scan(params, xs, h0, mask, keep=True)
+def _gru_fwd(unroll, params, xs, h0, mask):
+  h_T, (hs, ks, nzs, carried) = _gru_scan(unroll, params, xs, h0, mask, keep=True)
   h_prev = _shifted(h0, hs if carried is None else carried)
   # h0 itself is not needed, only its dtype for the cotangent.
   return (h_T, hs), (params, xs, mask, ks, nzs, h_prev, jnp.zeros((0,), h0.dtype))
 
 
-def _gru_bwd(res, cotangents):
+def _gru_bwd(unroll, res, cotangents):
   params, xs, mask, ks, nzs, h_prev, h0_dtype = res
   dh_T, dys = cotangents
   H = params["U"].shape[0]
@@ -277,7 +288,8 @@ def _gru_bwd(res, cotangents):
 
   # d(h U)_t overwrites K_t, the last read of it: no new [T, B, 3H] buffer.
   (dh0, dus), dh_news = jax.lax.scan(
-      body, (dh_T, ks), (jnp.arange(xs.shape[0]), dys, mask, nzs), reverse=True)
+      body, (dh_T, ks), (jnp.arange(xs.shape[0]), dys, mask, nzs), reverse=True,
+      unroll=unroll)
   das = jnp.concatenate(  # d(x W + b): r and z as in d(h U), n without the reset gate
       [dus[..., :2 * H], dh_news * nzs[..., :H]], axis=-1)
   grads = {
@@ -287,7 +299,7 @@ def _gru_bwd(res, cotangents):
       "b_hn": jnp.sum(dus[..., 2 * H:], axis=(0, 1)),
   }
   return _cotangents((params, xs, h0_dtype, mask), (
-      {**_zeros_like(params), **grads}, das @ params["W"].T, dh0, _zeros_like(mask)))
+      {**_zeros_like(params), **grads}, das @ params["W"].T, dh0))
 
 
 gru_sequence.defvjp(_gru_fwd, _gru_bwd)

@@ -8,7 +8,14 @@ import jax
 import jax.numpy as jnp
 
 from bptt_jax._cells import _ACTIVATIONS, as_cell
-from bptt_jax._unroll import _check_feature_size, check_inputs, check_lengths, length_mask
+from bptt_jax._common import (
+    cast_floats,
+    compute_dtype,
+    select_steps,
+    step_mask,
+    where_rows,
+)
+from bptt_jax._unroll import check_feature_size, check_inputs, initial_carry
 
 Array = jax.Array
 
@@ -36,7 +43,7 @@ def _rnn_forward(params, xs_tm, h0, f, mask_tm):
   def body(h, inp):
     x_t, m_t = inp
     h_new = f(x_t @ params["W"] + h @ params["U"] + params["b"][None])
-    h_new = jnp.where(m_t[:, None], h_new, h)
+    h_new = where_rows(m_t, h_new, h)
     return h_new, h_new
   _, hs = jax.lax.scan(body, h0, (xs_tm, mask_tm))
   return hs
@@ -91,12 +98,7 @@ def rnn_bptt(params, xs, dhs, *, activation: str = "tanh", carry=None,
         f"{tuple(params['W'].shape)}")
   if tuple(dhs.shape) != (B, T, H):
     raise ValueError(f"dhs must be [B, T, H] = {(B, T, H)}, got {tuple(dhs.shape)}")
-  h0 = jnp.zeros((B, H), xs.dtype) if carry is None else carry
-  if lengths is None:
-    mask = jnp.ones((B, T), bool)
-  else:
-    mask = length_mask(check_lengths(lengths, B, T), T)
-
+  params, xs, dhs, h0, mask = _rnn_inputs(params, xs, carry, lengths, dhs)
   f = _ACTIVATIONS[activation]
   xs_tm, dhs_tm, mask_tm = (jnp.swapaxes(a, 0, 1) for a in (xs, dhs, mask))
   hs_tm = _rnn_forward(params, xs_tm, h0, f, mask_tm)
@@ -111,11 +113,11 @@ def rnn_bptt(params, xs, dhs, *, activation: str = "tanh", carry=None,
     dh_next, acc = c
     x_t, h_prev, fp, g_t, m_t = inp
     dh = g_t + dh_next
-    da = jnp.where(m_t[:, None], dh * fp, 0.0)
+    da = where_rows(m_t, dh * fp, jnp.zeros_like(dh))
     step = {"W": x_t.T @ da, "U": h_prev.T @ da, "b": jnp.sum(da, axis=0)}
     acc = jax.tree_util.tree_map(lambda a, s: a + s.astype(a.dtype), acc, step)
     # A padded step copied h_{t-1} into h_t: its gradient flows through as is.
-    dh_prev = da @ U_T + jnp.where(m_t[:, None], 0.0, dh)
+    dh_prev = da @ U_T + where_rows(m_t, jnp.zeros_like(dh), dh)
     return (dh_prev, acc), (dh, step if per_step else None)
 
   zeros = jax.tree_util.tree_map(jnp.zeros_like,
@@ -139,20 +141,33 @@ def rnn_value_and_grad(params, xs, loss_of_hs: Callable[[Array], Array], *,
     ``(loss, RNNGrads)``.
   """
   check_inputs(xs)
-  B, T, _ = xs.shape
-  H = params["U"].shape[0]
-  h0 = jnp.zeros((B, H), xs.dtype) if carry is None else carry
-  mask = (jnp.ones((B, T), bool) if lengths is None
-          else length_mask(check_lengths(lengths, B, T), T))
   if activation not in _ACTIVATIONS:
     raise ValueError(
         f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
-  hs_tm = _rnn_forward(params, jnp.swapaxes(xs, 0, 1), h0,
+  p, xs_c, _, h0, mask = _rnn_inputs(params, xs, carry, lengths)
+  hs_tm = _rnn_forward(p, jnp.swapaxes(xs_c, 0, 1), h0,
                        _ACTIVATIONS[activation], jnp.swapaxes(mask, 0, 1))
-  hs = jnp.where(mask[..., None], jnp.swapaxes(hs_tm, 0, 1), 0.0)
+  hs = select_steps(mask, jnp.swapaxes(hs_tm, 0, 1))
   loss, dhs = jax.value_and_grad(loss_of_hs)(hs)
   return loss, rnn_bptt(params, xs, dhs, activation=activation, carry=h0,
                         lengths=lengths, per_step=per_step)
+
+
+def _rnn_inputs(params, xs, carry, lengths, dhs=None):
+  """Params, inputs (masked steps zero), ``dhs``, ``h0`` in the compute dtype; the mask.
+
+  ``dhs`` is not masked: a gradient given at a padded step flows back through
+  the copied carry (see :func:`rnn_bptt`).
+  """
+  B, T, _ = xs.shape
+  dt = compute_dtype(params, fallback=xs.dtype)
+  params = cast_floats({k: params[k] for k in ("W", "U", "b")}, dt)
+  H = params["U"].shape[0]
+  h0 = jnp.zeros((B, H), dt) if carry is None else cast_floats(carry, dt)
+  mask = step_mask(B, T, lengths=lengths)
+  mask = jnp.ones((B, T), bool) if mask is None else mask
+  xs = select_steps(mask, cast_floats(jnp.asarray(xs), dt))
+  return params, xs, cast_floats(dhs, dt), h0, mask
 
 
 def _perturbed_unroll(cell, params, xs_tm, eps, carry, mask_tm):
@@ -161,12 +176,9 @@ def _perturbed_unroll(cell, params, xs_tm, eps, carry, mask_tm):
   def body(c, inp):
     x_t, e_t, m_t = inp
     new_c, _ = cell.step(params, c, x_t)
-    new_c = jax.tree_util.tree_map(jnp.add, new_c, e_t)
-    new_c = jax.tree_util.tree_map(
-        lambda n, o: jnp.where(m_t.reshape((-1,) + (1,) * (n.ndim - 1)), n, o),
-        new_c, c)
+    new_c = where_rows(m_t, jax.tree_util.tree_map(jnp.add, new_c, e_t), c)
     h = cell.hidden(new_c)
-    return new_c, jnp.where(m_t[:, None], h, 0.0)
+    return new_c, where_rows(m_t, h, jnp.zeros_like(h))
 
   final, hs_tm = jax.lax.scan(body, carry, (xs_tm, eps, mask_tm))
   return final, hs_tm
@@ -176,16 +188,16 @@ def _prepare(cell, params, xs, carry, lengths):
   cell = as_cell(cell)
   check_inputs(xs)
   B, T, _ = xs.shape
-  _check_feature_size(cell, params, xs)
-  if carry is None:
-    if cell.initial_carry is None:
-      raise ValueError(f"{cell.name} has no initial_carry: pass carry=")
-    carry = cell.initial_carry(B, xs.dtype)
-  mask = (jnp.ones((B, T), bool) if lengths is None
-          else length_mask(check_lengths(lengths, B, T), T))
+  check_feature_size(cell, params, xs)
+  dt = compute_dtype(params, fallback=xs.dtype)
+  params = cast_floats(params, dt)
+  carry = initial_carry(cell, carry, B, dt)
+  mask = step_mask(B, T, lengths=lengths)
+  mask = jnp.ones((B, T), bool) if mask is None else mask
+  xs = select_steps(mask, cast_floats(jnp.asarray(xs), dt))
   eps = jax.tree_util.tree_map(
       lambda leaf: jnp.zeros((T,) + leaf.shape, leaf.dtype), carry)
-  return cell, jnp.swapaxes(xs, 0, 1), carry, jnp.swapaxes(mask, 0, 1), eps
+  return cell, params, jnp.swapaxes(xs, 0, 1), carry, jnp.swapaxes(mask, 0, 1), eps
 
 
 def _norms(cell, deps_tm):
@@ -216,7 +228,7 @@ def gradient_flow(cell, params, xs, loss_of_hs: Callable[[Array], Array], *,
   Returns:
     ``(loss, norms)`` with ``norms`` ``[B, T]``: ``||dL/dh_t||`` per sequence.
   """
-  cell, xs_tm, carry, mask_tm, eps = _prepare(cell, params, xs, carry, lengths)
+  cell, params, xs_tm, carry, mask_tm, eps = _prepare(cell, params, xs, carry, lengths)
 
   def loss_of_eps(eps):
     _, hs_tm = _perturbed_unroll(cell, params, xs_tm, eps, carry, mask_tm)
@@ -232,7 +244,7 @@ def jacobian_norms(cell, params, xs, *, carry=None, lengths=None) -> Array:
   ``h_T`` is each sequence's final hidden state (at its own length). One
   backward pass per hidden unit (``vmap`` over the rows of the Jacobian).
   """
-  cell, xs_tm, carry, mask_tm, eps = _prepare(cell, params, xs, carry, lengths)
+  cell, params, xs_tm, carry, mask_tm, eps = _prepare(cell, params, xs, carry, lengths)
 
   def final_h(eps):
     final, _ = _perturbed_unroll(cell, params, xs_tm, eps, carry, mask_tm)

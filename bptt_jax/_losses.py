@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bptt_jax._unroll import check_lengths, length_mask
+from bptt_jax._common import check_lengths, check_positive_int, step_mask
 
 Array = jax.Array
 
@@ -22,9 +22,8 @@ def init_readout(key, hidden_size: int, output_size: int, dtype=jnp.float32):
   Returns:
     ``{"W_hy": [H, O] (Glorot uniform), "b_y": [O] (zeros)}``.
   """
-  for name, v in (("hidden_size", hidden_size), ("output_size", output_size)):
-    if not isinstance(v, int) or v <= 0:
-      raise ValueError(f"{name} must be a positive int, got {v!r}")
+  check_positive_int("hidden_size", hidden_size)
+  check_positive_int("output_size", output_size)
   return {
       "W_hy": jax.nn.initializers.glorot_uniform()(key, (hidden_size, output_size), dtype),
       "b_y": jnp.zeros((output_size,), dtype),
@@ -80,19 +79,6 @@ def sigmoid_binary_cross_entropy(logits: Array, labels: Array) -> Array:
       axis=-1)
 
 
-def _mask(losses, lengths, mask):
-  B, T = losses.shape[:2]
-  if lengths is not None and mask is not None:
-    raise ValueError("give lengths or mask, not both")
-  if lengths is not None:
-    return length_mask(check_lengths(lengths, B, T), T)
-  if mask is not None:
-    if tuple(mask.shape) != (B, T):
-      raise ValueError(f"mask must have shape [B, T] = {(B, T)}, got {tuple(mask.shape)}")
-    return mask.astype(bool)
-  return jnp.ones((B, T), bool)
-
-
 def sequence_loss(losses: Array, *, lengths=None, mask=None,
                   reduction: str = "sum") -> Array:
   """Reduces per-step losses ``[B, T]`` over valid steps to a scalar.
@@ -114,8 +100,10 @@ def sequence_loss(losses: Array, *, lengths=None, mask=None,
   """
   if losses.ndim != 2:
     raise ValueError(f"losses must be [B, T], got shape {tuple(losses.shape)}")
-  m = _mask(losses, lengths, mask)
-  total = jnp.sum(jnp.where(m, losses, 0.0))
+  B, T = losses.shape
+  m = step_mask(B, T, lengths=lengths, mask=mask)
+  m = jnp.ones((B, T), bool) if m is None else m
+  total = jnp.sum(jnp.where(m, losses, jnp.zeros((), losses.dtype)))
   if reduction == "sum":
     return total / losses.shape[0]
   if reduction == "mean":

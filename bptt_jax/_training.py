@@ -151,18 +151,23 @@ def apply_gradients(tx, state: TrainState, loss, grads, *, max_norm=None,
 
 
 def train_step(loss_fn: Callable, tx: optax.GradientTransformation, *,
-               max_norm: float | None = None, has_aux: bool = False, jit: bool = True):
+               max_norm: float | None = None, has_aux: bool = False, jit: bool = True,
+               donate: bool = True):
   """A full-BPTT train step ``(state, batch) -> (state, metrics)``.
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> loss`` (or ``(loss, aux)`` with
       ``has_aux``; a dict ``aux`` is merged into the metrics). Gradients are
-      exact BPTT through whatever unroll it runs.
+      exact BPTT through whatever unroll it runs. :func:`bptt_jax.model_loss`
+      makes one from a model and a per-step loss.
     tx: the optax optimizer (e.g. from :func:`optimizer`); the state must come
       from ``TrainState.create(params, tx)``.
     max_norm: the clipping threshold, to report ``clipped`` in the metrics.
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
     jit: compile the step with ``jax.jit``.
+    donate: with ``jit``, donate the input state's buffers to the output state
+      (no copy of params and optimizer state per step; the state passed in
+      must not be used again).
 
   Returns:
     The step function.
@@ -177,4 +182,6 @@ def train_step(loss_fn: Callable, tx: optax.GradientTransformation, *,
       metrics.update(aux)
     return state, metrics
 
-  return jax.jit(step) if jit else step
+  if not jit:
+    return step
+  return jax.jit(step, donate_argnums=0) if donate else jax.jit(step)

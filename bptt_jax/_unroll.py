@@ -3,23 +3,26 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from bptt_jax._cells import Cell, as_cell
+from bptt_jax._common import (
+  cast_floats,
+  check_lengths,
+  check_positive_int,
+  compute_dtype,
+  select_steps,
+  step_mask,
+  where_rows,
+)
 
 Array = jax.Array
 
 
-def _is_concrete(x) -> bool:
-  return not isinstance(x, jax.core.Tracer)
-
-
 def check_inputs(xs, name="xs", *, ndim=3) -> None:
-  """Raises ``ValueError``/``TypeError`` unless ``xs`` is a float array of rank ``ndim``."""
+  """Raises ``ValueError``/``TypeError`` unless ``xs`` is an array of rank ``ndim``."""
   if not hasattr(xs, "shape") or not hasattr(xs, "dtype"):
     raise TypeError(f"{name} must be an array, got {type(xs).__name__}")
   if xs.ndim != ndim:
@@ -29,38 +32,7 @@ def check_inputs(xs, name="xs", *, ndim=3) -> None:
     )
 
 
-def check_lengths(lengths, batch_size: int, num_steps: int) -> Array:
-  """Checks ``lengths`` ``[B]`` against ``B`` and ``T``; returns it as int32.
-
-  Raises:
-    TypeError: non-integer lengths.
-    ValueError: wrong shape, or (when the values are known at trace time) a
-      length outside ``[0, T]``.
-  """
-  if not hasattr(lengths, "shape"):
-    lengths = np.asarray(lengths)
-  if not jnp.issubdtype(lengths.dtype, jnp.integer):
-    raise TypeError(f"lengths must be integers, got dtype {lengths.dtype}")
-  if tuple(lengths.shape) != (batch_size,):
-    raise ValueError(
-        f"lengths must have shape [B] = ({batch_size},), got {tuple(lengths.shape)}"
-    )
-  if _is_concrete(lengths):
-    values = np.asarray(lengths)
-    if values.size and (values.min() < 0 or values.max() > num_steps):
-      raise ValueError(
-          f"lengths must lie in [0, T] = [0, {num_steps}], got values from "
-          f"{values.min()} to {values.max()}"
-      )
-  return jnp.asarray(lengths, jnp.int32)
-
-
-def length_mask(lengths: Array, num_steps: int) -> Array:
-  """``[B, T]`` boolean mask, true where ``t < lengths[b]``."""
-  return jnp.arange(num_steps)[None, :] < lengths[:, None]
-
-
-def _check_feature_size(cell: Cell, params, xs) -> None:
+def check_feature_size(cell: Cell, params, xs) -> None:
   if cell.input_size is None:
     return
   expected = cell.input_size(params)
@@ -69,6 +41,20 @@ def _check_feature_size(cell: Cell, params, xs) -> None:
         f"{cell.name}: inputs have {xs.shape[-1]} features but the params expect "
         f"D = {expected}"
     )
+
+
+def initial_carry(cell: Cell, carry, batch_size: int, dtype):
+  """``carry`` (checked against ``B``, cast to ``dtype``) or the cell's zeros."""
+  if carry is None:
+    if cell.initial_carry is None:
+      raise ValueError(f"{cell.name} has no initial_carry: pass carry=")
+    return cell.initial_carry(batch_size, dtype)
+  for leaf in jax.tree_util.tree_leaves(carry):
+    if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] != batch_size:
+      raise ValueError(
+          f"carry has batch size {(jnp.shape(leaf) or ('none',))[0]} but xs has "
+          f"B = {batch_size} (carry leaves are [B, ...])")
+  return cast_floats(carry, dtype)
 
 
 def _flip_within_lengths(xs_tm: Array, lengths: Array) -> Array:
@@ -80,12 +66,6 @@ def _flip_within_lengths(xs_tm: Array, lengths: Array) -> Array:
   return jnp.take_along_axis(xs_tm, idx, axis=0)
 
 
-def _where_tree(mask, new, old):
-  return jax.tree_util.tree_map(
-      lambda n, o: jnp.where(mask.reshape(mask.shape + (1,) * (n.ndim - 1)), n, o),
-      new, old)
-
-
 def default_hoist() -> bool:
   """Whether to hoist the input projection out of the scan by default.
 
@@ -95,7 +75,7 @@ def default_hoist() -> bool:
   return jax.default_backend() != "cpu"
 
 
-def _segments(num_steps: int, remat) -> int:
+def remat_segments(num_steps: int, remat) -> int:
   if remat is None or remat is False:
     return 1
   if remat is True or remat == "sqrt":
@@ -108,9 +88,8 @@ def _segments(num_steps: int, remat) -> int:
 
 
 def unroll(cell, params, xs, *, lengths=None, mask=None, carry=None,
-           time_major: bool = False,
-           reverse: bool = False, hoist: bool | None = None, unroll: int = 1,
-           remat=None, fused: bool | None = None):
+           time_major: bool = False, reverse: bool = False, hoist: bool | None = None,
+           unroll: int = 1, remat=None, fused: bool | None = None, dtype=None):
   """Runs ``cell`` over the time axis of ``xs`` with one ``jax.lax.scan``.
 
   Equivalent Python loop (batch-major, no lengths, forward)::
@@ -123,9 +102,21 @@ def unroll(cell, params, xs, *, lengths=None, mask=None, carry=None,
   With ``lengths`` (right-padded batches) sequence ``b`` is stepped only for
   ``t < lengths[b]``: its carry stops changing after its last valid step (so the
   returned carry is the state at each sequence's own end) and its outputs are
-  zero from there on. With ``reverse=True`` each sequence is read from its own
-  last valid step back to step 0 and the outputs are returned in the original
-  order (``hs[:, t]`` is the state after reading ``x_{T-1}`` ... ``x_t``).
+  zero from there on. Padded inputs are selected out before any arithmetic:
+  padding that holds NaN or Inf changes neither the values nor the gradients
+  (the gradient at a padded input is exactly zero). With ``reverse=True`` each
+  sequence is read from its own last valid step back to step 0 and the outputs
+  are returned in the original order (``hs[:, t]`` is the state after reading
+  ``x_{T-1}`` ... ``x_t``).
+
+  A :func:`bptt_jax.stack` runs layer by layer, each layer over the whole
+  sequence on its own path (the hand-written backward pass for built-in cells).
+
+  Dtypes: the computation runs in ``dtype`` if given, else in the params' float
+  dtype. Params and floating inputs are cast to it (gradients come back in the
+  params' own dtype) and the carry is kept in it, so float32 params with
+  ``dtype=jnp.bfloat16`` compute in bf16, and bf16 inputs with float32 params
+  and no ``dtype`` compute in float32.
 
   Args:
     cell: a :class:`Cell`, or a step function ``step(params, carry, x_t) ->
@@ -141,8 +132,11 @@ def unroll(cell, params, xs, *, lengths=None, mask=None, carry=None,
     reverse: run from the end of each sequence to its start.
     hoist: compute the input projection for all steps in one matmul before the
       loop (``True``) or per step inside it (``False``); default
-      :func:`default_hoist`. Ignored for cells without a separate projection.
-    unroll: passed to ``jax.lax.scan``.
+      :func:`default_hoist`. A cell without a separate projection always
+      projects per step. ``hoist=True`` selects the autodiff path for cells
+      with a fused one (``fused=True`` with ``hoist=True`` is an error).
+    unroll: steps per loop iteration, passed to ``jax.lax.scan`` (also on the
+      fused path, forward and backward).
     remat: memory-saving BPTT (Chen et al. 2016; Gruslys et al. 2016): split
       the ``T`` steps into segments (``"sqrt"``/``True`` for about ``sqrt(T)``,
       or an int), keep only the carry at each segment boundary for the backward
@@ -154,78 +148,94 @@ def unroll(cell, params, xs, *, lengths=None, mask=None, carry=None,
       has one and the projection is not hoisted. Its gradients equal autodiff's
       to float rounding; it is first-order only (no ``jax.hessian``): pass
       ``fused=False`` for higher derivatives.
+    dtype: the compute dtype (e.g. ``jnp.bfloat16``); the params' by default.
 
   Returns:
     ``(final_carry, hs)`` with ``hs`` ``[B, T, H]`` (``[T, B, H]`` if
-    ``time_major``).
+    ``time_major``), both in the compute dtype.
 
   Raises:
     TypeError, ValueError: wrong rank, feature size, lengths shape/values, a
-      missing carry for a cell without ``initial_carry``.
+      missing carry for a cell without ``initial_carry``, settings that
+      contradict each other (``fused=True`` with ``hoist=True`` or a cell
+      without a fused path, ``reverse`` with a general ``mask``).
   """
   cell = as_cell(cell)
   check_inputs(xs)
   xs = jnp.asarray(xs)
   xs_tm = xs if time_major else jnp.swapaxes(xs, 0, 1)
   T, B = xs_tm.shape[:2]
-  _check_feature_size(cell, params, xs_tm)
-  if carry is None:
-    if cell.initial_carry is None:
-      raise ValueError(
-          f"{cell.name} has no initial_carry: pass carry= to unroll"
-      )
-    carry = cell.initial_carry(B, xs.dtype)
-  else:
-    for leaf in jax.tree_util.tree_leaves(carry):
-      if leaf.shape[0] != B:
-        raise ValueError(
-            f"carry has batch size {leaf.shape[0]} but xs has B = {B}"
-        )
-  if lengths is not None and mask is not None:
-    raise ValueError("give lengths or mask, not both")
+  check_feature_size(cell, params, xs_tm)
+  check_positive_int("unroll", unroll)
+  dt = compute_dtype(params, dtype, fallback=xs.dtype)
+  params, xs_tm = cast_floats(params, dt), cast_floats(xs_tm, dt)
+  carry = initial_carry(cell, carry, B, dt)
+  if mask is not None and reverse:
+    raise ValueError("reverse=True needs lengths, not a general mask")
+  mask = step_mask(B, T, lengths=lengths, mask=mask)
   if lengths is not None:
     lengths = check_lengths(lengths, B, T)
-    mask = length_mask(lengths, T)
-  elif mask is not None:
-    if reverse:
-      raise ValueError("reverse=True needs lengths, not a general mask")
-    if tuple(mask.shape) != (B, T):
-      raise ValueError(f"mask must have shape [B, T] = {(B, T)}, got {tuple(mask.shape)}")
-    mask = jnp.asarray(mask, bool)
-  if hoist is None:
-    hoist = default_hoist()
-  segments = _segments(T, remat)
-  if fused is None:
-    fused = cell.sequence is not None and not hoist
-  elif fused and cell.sequence is None:
-    raise ValueError(f"{cell.name} has no fused sequence implementation; use fused=None")
-
-  if fused:
-    inputs = xs_tm
-    run = _fused_runner(cell, params, xs.dtype)
-  else:
-    if cell.project is not None and hoist:
-      inputs, body_step = cell.project(params, xs_tm), cell.recur
-    else:
-      inputs, body_step = xs_tm, cell.step
-    run = _scan_runner(body_step, params, unroll)
+  segments = remat_segments(T, remat)
+  run = _runner(cell, params, hoist=hoist, unroll=unroll, fused=fused)
 
   mask_tm = None if mask is None else jnp.swapaxes(mask, 0, 1)
+  inputs = select_steps(mask_tm, xs_tm)
   if reverse:
-    if lengths is not None:
-      inputs, mask_tm = _flip_within_lengths(inputs, lengths), mask_tm
-    else:
-      inputs = inputs[::-1]
+    inputs = inputs[::-1] if lengths is None else _flip_within_lengths(inputs, lengths)
   carry, hs = _segmented(run, carry, inputs, mask_tm, segments)
   if reverse:
-    hs = _flip_within_lengths(hs, lengths) if lengths is not None else hs[::-1]
+    hs = hs[::-1] if lengths is None else _flip_within_lengths(hs, lengths)
   return carry, (hs if time_major else jnp.swapaxes(hs, 0, 1))
 
 
-def _scan_runner(body_step, params, unroll):
-  """``run(carry, xs, mask) -> (carry, hs)`` with ``lax.scan`` over the step (time-major)."""
+def _runner(cell, params, *, hoist, unroll, fused):
+  """``run(carry, inputs [T, B, D], mask [T, B] | None) -> (carry, hs [T, B, H])``.
 
-  def run(carry, inputs, mask):
+  Picks the path: a stack layer by layer, the fused sequence, or ``lax.scan``
+  over the step (projection hoisted or per step). Masked inputs are zero.
+  """
+  if cell.layers is not None:
+    if not isinstance(params, (tuple, list)) or len(params) != len(cell.layers):
+      raise ValueError(
+          f"{cell.name}: params must be a tuple with one entry per layer "
+          f"({len(cell.layers)}), got {type(params).__name__}")
+    runs = [_runner(c, p, hoist=hoist, unroll=unroll, fused=fused)
+            for c, p in zip(cell.layers, params)]
+
+    def run_layers(carry, inputs, mask):
+      carries = []
+      for run_layer, c in zip(runs, carry):
+        c, inputs = run_layer(c, inputs, mask)
+        carries.append(c)
+      return tuple(carries), inputs
+
+    return run_layers
+
+  if fused is None:
+    fused = cell.sequence is not None and not (default_hoist() if hoist is None else hoist)
+  elif fused:
+    if cell.sequence is None:
+      raise ValueError(f"{cell.name} has no fused sequence implementation; use fused=None")
+    if hoist:
+      raise ValueError(
+          "the fused path projects the inputs per step: hoist=True needs fused=False "
+          "(or fused=None)")
+  if fused:
+    def run_fused(carry, inputs, mask):
+      return cell.sequence(params, inputs, carry, None if mask is None else mask[..., None],
+                           unroll)
+
+    return run_fused
+
+  if hoist is None:
+    hoist = default_hoist()
+  if cell.project is not None and hoist:
+    project, body_step = (lambda xs: cell.project(params, xs)), cell.recur
+  else:
+    project, body_step = (lambda xs: xs), cell.step
+
+  def run_scan(carry, inputs, mask):
+    inputs = project(inputs)
     if mask is None:
       return jax.lax.scan(lambda c, x_t: body_step(params, c, x_t), carry, inputs,
                           unroll=unroll)
@@ -233,21 +243,11 @@ def _scan_runner(body_step, params, unroll):
     def body(c, inp):
       x_t, m_t = inp
       new_c, h_t = body_step(params, c, x_t)
-      return _where_tree(m_t, new_c, c), jnp.where(m_t[:, None], h_t, 0)
+      return where_rows(m_t, new_c, c), where_rows(m_t, h_t, jnp.zeros_like(h_t))
 
     return jax.lax.scan(body, carry, (inputs, mask), unroll=unroll)
 
-  return run
-
-
-def _fused_runner(cell, params, dtype):
-  """``run`` with the cell's hand-written-backward sequence function."""
-
-  def run(carry, inputs, mask):
-    m = None if mask is None else mask[..., None].astype(dtype)
-    return cell.sequence(params, inputs, carry, m)
-
-  return run
+  return run_scan
 
 
 def _segmented(run, carry, inputs, mask, segments):
@@ -299,79 +299,3 @@ def bidirectional(forward_cell, backward_cell, params, xs, *, lengths=None,
   b_carry, b_hs = unroll(backward_cell, params[1], xs, lengths=lengths,
                          carry=bc, reverse=True, **kwargs)
   return (f_carry, b_carry), jnp.concatenate([f_hs, b_hs], axis=-1)
-
-
-def segmented_loss(cell, params, xs, ys, step_loss: Callable, *, lengths=None, carry=None,
-                   segments="sqrt", reduction: str = "sum", **unroll_kwargs):
-  """A sequence loss under full BPTT in O(sqrt(T)) memory (Chen et al. 2016).
-
-  The ``T`` steps are cut into segments; each segment runs the cell, its
-  per-step losses and their masked sum inside one ``jax.checkpoint``, so the
-  backward pass keeps only the carry at each segment boundary (and the inputs)
-  and recomputes a segment's activations when it reaches it. Unlike
-  ``unroll(..., remat=...)``, which must return every hidden state, the hidden
-  states ``[B, T, H]`` never exist in full. The loss and its gradient equal
-  ``sequence_loss(step_loss(params, unroll(...)[1], ys), lengths=lengths)``.
-
-  Args:
-    cell: a cell; its params are ``params["cell"]``.
-    params: a dict with the cell's params at ``"cell"`` and whatever
-      ``step_loss`` reads.
-    xs: inputs ``[B, T, D]``.
-    ys: targets ``[B, T, ...]``.
-    step_loss: ``step_loss(params, hs [B, K, H], ys [B, K, ...]) -> [B, K]``.
-    lengths: optional ``[B]``.
-    carry: initial carry; zeros by default.
-    segments: ``"sqrt"`` (about ``sqrt(T)`` segments) or a number of segments.
-    reduction: ``"sum"`` (over time, mean over the batch) or ``"mean"`` (over
-      valid steps), as in :func:`bptt_jax.sequence_loss`.
-    **unroll_kwargs: passed to :func:`unroll` for each segment (``fused``,
-      ``hoist``).
-
-  Returns:
-    ``(loss, final_carry)``.
-
-  References:
-    Chen, Xu, Zhang and Guestrin 2016, "Training Deep Nets with Sublinear Memory
-    Cost"; Gruslys, Munos, Danihelka, Lanctot and Graves 2016, "Memory-Efficient
-    Backpropagation Through Time".
-  """
-  cell = as_cell(cell)
-  check_inputs(xs)
-  xs, ys = jnp.asarray(xs), jnp.asarray(ys)
-  B, T = xs.shape[:2]
-  if ys.shape[:2] != (B, T):
-    raise ValueError(f"ys must share [B, T] = {(B, T)} with xs, got {tuple(ys.shape)}")
-  if reduction not in ("sum", "mean"):
-    raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
-  for bad in ("lengths", "mask", "reverse", "remat", "time_major"):
-    if bad in unroll_kwargs:
-      raise ValueError(f"segmented_loss does not take {bad}= for its segments")
-  mask = (jnp.ones((B, T), bool) if lengths is None
-          else length_mask(check_lengths(lengths, B, T), T))
-  if carry is None:
-    if cell.initial_carry is None:
-      raise ValueError(f"{cell.name} has no initial_carry: pass carry=")
-    carry = cell.initial_carry(B, xs.dtype)
-  n = _segments(T, segments)
-  size = -(-T // n)
-  n = -(-T // size)
-  pad = n * size - T
-
-  def split(a, value=0):
-    a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2), constant_values=value)
-    return jnp.swapaxes(a.reshape((B, n, size) + a.shape[2:]), 0, 1)  # [n, B, size, ...]
-
-  @jax.checkpoint
-  def segment(c, inp):
-    x, y, m = inp
-    c, hs = unroll(cell, params["cell"], x, mask=m, carry=c, **unroll_kwargs)
-    losses = step_loss(params, hs, y)
-    if losses.shape != m.shape:
-      raise ValueError(f"step_loss must return [B, K] = {m.shape}, got {losses.shape}")
-    return c, jnp.sum(jnp.where(m, losses, 0.0))
-
-  carry, sums = jax.lax.scan(segment, carry, (split(xs), split(ys), split(mask, False)))
-  total = jnp.sum(sums)
-  loss = total / B if reduction == "sum" else total / jnp.maximum(jnp.sum(mask), 1)
-  return loss, carry

@@ -15,9 +15,9 @@ def _step_loss(params, hs, ys):
   return jnp.sum((hs @ params["V"] - ys) ** 2, axis=-1)
 
 
-@pytest.mark.parametrize("name,segments,reduction", [
+@pytest.mark.parametrize("name,remat,reduction", [
     ("lstm", "sqrt", "sum"), ("gru", 4, "mean"), ("rnn_tanh", 1, "sum"), ("lstm_ln", 4, "sum")])
-def test_segmented_loss_equals_plain_loop(name, segments, reduction):
+def test_segmented_loss_equals_plain_loop(name, remat, reduction):
   spec = CELLS[name]
   cell = spec.make(H)
   rng = np.random.default_rng(0)
@@ -30,7 +30,7 @@ def test_segmented_loss_equals_plain_loop(name, segments, reduction):
 
   def loss(params):
     return bj.segmented_loss(cell, params, xs, ys, _step_loss, lengths=lengths,
-                             segments=segments, reduction=reduction)[0]
+                             remat=remat, reduction=reduction)[0]
 
   def reference(params):
     total, count = 0.0, 0
@@ -58,7 +58,7 @@ def test_segmented_loss_final_carry_is_each_sequence_end():
   xs = jax.random.normal(jax.random.key(1), (B, T, D), jnp.float64)
   lengths = np.array([11, 6, 0])
   _, final = jax.jit(lambda p: bj.segmented_loss(
-      cell, p, xs, jnp.zeros((B, T, O)), _step_loss, lengths=lengths, segments=3))(params)
+      cell, p, xs, jnp.zeros((B, T, O)), _step_loss, lengths=lengths, remat=3))(params)
   for b in range(B):
     n = int(lengths[b])
     h = np.zeros((1, H))
@@ -88,8 +88,9 @@ def test_segmented_loss_plans_less_memory_than_unroll():
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"reduction": "median"}, "reduction"),
-    ({"segments": 0}, "remat"),
-    ({"remat": 3}, "does not take remat"),
+    ({"remat": 0}, "remat"),
+    ({"lengths": np.array([1, 2, 3]), "mask": np.ones((B, T), bool)}, "not both"),
+    ({"carry": jnp.zeros((B + 1, H))}, "carry has batch size 4"),
 ])
 def test_segmented_loss_bad_settings(kwargs, match):
   cell = bj.rnn(H)
@@ -102,5 +103,5 @@ def test_segmented_loss_bad_settings(kwargs, match):
 def test_segmented_loss_targets_must_match_inputs():
   cell = bj.rnn(H)
   params = {"cell": cell.init(jax.random.key(0), D), "V": jnp.ones((H, O))}
-  with pytest.raises(ValueError, match=r"ys must share \[B, T\]"):
+  with pytest.raises(ValueError, match=r"xs and ys must share \[B, T\]"):
     bj.segmented_loss(cell, params, jnp.ones((B, T, D)), jnp.ones((B, T + 1, O)), _step_loss)

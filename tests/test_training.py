@@ -209,7 +209,7 @@ def hand_step(tx, params, opt_state, batch):
 
 TX = bj.optimizer(1e-2, max_norm=1.0)
 REF_TX = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2))  # built here
-STEP = bj.train_step(loss_fn, TX)
+STEP = bj.train_step(loss_fn, TX, donate=False)  # the tests read old states again
 
 
 def hand_run(batches, params=None):
@@ -329,7 +329,7 @@ def poisoned(params, batch):
   return loss_fn(params, batch) + jax.lax.stop_gradient(batch["poison"])
 
 
-POISONED_STEP = bj.train_step(poisoned, optax.sgd(0.1))
+POISONED_STEP = bj.train_step(poisoned, optax.sgd(0.1), donate=False)
 POISONED_GRAD = jax.jit(jax.grad(poisoned))
 
 
@@ -366,3 +366,18 @@ def test_guard_leaves_params_and_state_alone_on_nan_gradients():
   assert all(np.all(u == 0) for u in leaves(updates))
   assert_trees_equal(new.inner_state, state.inner_state)
   assert int(new.notfinite_count) == 1 and int(new.total_notfinite) == 1
+
+
+def test_the_jitted_step_donates_the_old_state():
+  """By default the input state's buffers are reused for the output: after a
+  step the old params are deleted, and the values are those of a step that
+  copies."""
+  donating = bj.train_step(loss_fn, TX)
+  old = bj.TrainState.create(jax.tree_util.tree_map(jnp.asarray, make_params()), TX)
+  kept = jax.tree_util.tree_map(np.array, old)
+  new, _ = donating(old, make_batch(1))
+  assert all(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(old.params))
+  want, _ = STEP(kept, make_batch(1))
+  assert_trees_equal(new.params, want.params)
+  newer, _ = donating(new, make_batch(2))  # and it chains
+  assert int(newer.step) == 2

@@ -230,7 +230,7 @@ def traced_step_loss(params, hs, ys):
 @functools.lru_cache(maxsize=None)
 def _tbptt(k1, k2, tx, reduction, remat):
   return bj.tbptt_step(CELL, traced_step_loss, tx, k1=k1, k2=k2, reduction=reduction,
-                       return_carries=True, remat=remat)
+                       return_carries=True, remat=remat, donate=False)
 
 
 def tbptt(k1, k2=None, *, tx=TX, reduction="mean", remat=None):
@@ -238,8 +238,9 @@ def tbptt(k1, k2=None, *, tx=TX, reduction="mean", remat=None):
   return _tbptt(k1, k2, tx, reduction, remat)
 
 
-def stream_state(params, tx):
-  return bj.TrainState.create(params, tx, carry=jnp.zeros((dims.B, dims.H), F64))
+def stream_state(params, tx, k1=3, k2=None):
+  carry = bj.stream_carry(jnp.zeros((dims.B, dims.H), F64), make_batch()["xs"], k1=k1, k2=k2)
+  return bj.TrainState.create(params, tx, carry=carry)
 
 
 def no_reset(batch):
@@ -253,7 +254,7 @@ def mean_loss(params, batch):
   return jnp.mean(step_loss(params, hs, batch["ys"]))
 
 
-FULL_STEP = bj.train_step(mean_loss, TX)
+FULL_STEP = bj.train_step(mean_loss, TX, donate=False)
 UNROLL = jax.jit(lambda p, x: bj.unroll(CELL, p, x))
 
 
@@ -336,7 +337,7 @@ def test_carries_at_boundaries_equal_one_forward_pass(k1, k2, streaming):
   zero streaming carry)."""
   params, batch = make_params(), make_batch()
   if streaming:
-    state, batch = stream_state(params, FROZEN), no_reset(batch)
+    state, batch = stream_state(params, FROZEN, k1, k2), no_reset(batch)
   else:
     state = bj.TrainState.create(params, FROZEN)
   new, m = tbptt(k1, k2, tx=FROZEN)(state, batch)
@@ -443,16 +444,66 @@ def test_partial_last_chunk_is_trained_without_retrace():
 def test_streaming_carry_continues_across_batches(k1, k2):
   params = make_params()
   step = tbptt(k1, k2, tx=FROZEN)
-  b1, b2 = no_reset(make_batch(seed=1)), no_reset(make_batch(seed=2))
-  s1, _ = step(stream_state(params, FROZEN), b1)
+  T = 12  # a multiple of k1 (else the last chunk is partial; see the next test)
+  b1, b2 = no_reset(make_batch(T, seed=1)), no_reset(make_batch(T, seed=2))
+  s1, _ = step(stream_state(params, FROZEN, k1, k2), b1)
   s2, m2 = step(s1, b2)
 
-  np.testing.assert_allclose(s1.carry, final_h(params, b1["xs"]), **TOL)
   both = np.concatenate([b1["xs"], b2["xs"]], axis=1)
   _, hs = UNROLL(params["cell"], both)
-  np.testing.assert_allclose(s2.carry, hs[:, -1], **TOL)
-  np.testing.assert_allclose(s2.carry, final_h(params, both), **TOL)
+  front = 0 if k2 is None else k2 - k1
+  c1, c2 = (s1.carry, s2.carry) if not front else (s1.carry.carry, s2.carry.carry)
+  # The streamed carry is the state k2 - k1 steps before each batch's end.
+  np.testing.assert_allclose(c1, final_h(params, b1["xs"][:, :T - front]), **TOL)
+  np.testing.assert_allclose(c2, hs[:, 2 * T - front - 1], **TOL)
+  np.testing.assert_allclose(c2, final_h(params, both[:, :2 * T - front]), **TOL)
   np.testing.assert_allclose(m2["carry"][0], hs[:, T + k1 - 1], **TOL)
+  if front:  # with the inputs of those last steps
+    np.testing.assert_array_equal(s2.carry.xs, b2["xs"][:, T - front:])
+    np.testing.assert_array_equal(s2.carry.mask, np.ones((dims.B, front), bool))
+
+
+def test_streaming_after_a_partial_last_chunk_starts_from_the_batch_end():
+  """T = 10, k1 = 3: the last chunk is partial (padded, masked), so the stream
+  continues from the carry at the batch's end, with no steps of history."""
+  params = make_params()
+  s1, _ = tbptt(3, 5, tx=FROZEN)(stream_state(params, FROZEN, 3, 5), no_reset(make_batch()))
+  np.testing.assert_allclose(s1.carry.carry, final_h(params, make_batch()["xs"]), **TOL)
+  np.testing.assert_array_equal(s1.carry.mask, np.zeros((dims.B, 2), bool))
+
+
+@pytest.mark.parametrize("k1, k2, reduction", [(3, 5, "mean"), (2, 7, "sum"), (5, 5, "mean")])
+def test_streamed_batches_equal_one_run_over_their_concatenation(k1, k2, reduction):
+  """TBPTT(k1, k2) over two streamed batches gives the updates (params after
+  both, per-chunk losses) of one run over the concatenated stream: the first
+  window of the second batch reaches k2 - k1 steps back into the first."""
+  params = make_params()
+  T1 = 2 * k1 * 2  # a multiple of k1: chunk boundaries fall where they fall in one run
+  b1, b2 = make_batch(T=T1, seed=1), make_batch(T=T1, seed=2)
+  both = {k: np.concatenate([b1[k], b2[k]], axis=1) for k in ("xs", "ys")}
+  step = bj.tbptt_step(CELL, step_loss, TX, k1=k1, k2=k2, reduction=reduction,
+                       return_carries=True)
+
+  def start():
+    carry = bj.stream_carry(jnp.zeros((dims.B, dims.H), F64), b1["xs"], k1=k1, k2=k2)
+    return bj.TrainState.create(params, TX, carry=carry)
+
+  s1, m1 = step(start(), b1)
+  s2, m2 = step(s1, b2)
+  ref = reference_tbptt(params, both, TX, k1=k1, k2=k2, reduction=reduction)
+  np.testing.assert_allclose(np.concatenate([m1["loss"], m2["loss"]]), ref["losses"], **TOL)
+  assert_trees_close(s2.params, ref["params"])
+  one = step(bj.TrainState.create(params, TX, carry=bj.stream_carry(
+      jnp.zeros((dims.B, dims.H), F64), both["xs"], k1=k1, k2=k2)), both)[1]
+  np.testing.assert_allclose(np.concatenate([m1["loss"], m2["loss"]]), one["loss"], **TOL)
+  np.testing.assert_allclose(np.concatenate([m1["carry"], m2["carry"]]), one["carry"], **TOL)
+
+
+def test_streaming_with_k2_above_k1_needs_a_stream_carry():
+  step = tbptt(3, 5, tx=FROZEN)
+  state = bj.TrainState.create(make_params(), FROZEN, carry=jnp.zeros((dims.B, dims.H), F64))
+  with pytest.raises(ValueError, match=r"start from bj.stream_carry"):
+    step(state, make_batch())
 
 
 def test_streaming_matches_python_loop_while_training():
@@ -552,12 +603,24 @@ def test_float32_cell_keeps_a_float32_carry():
     (dict(k1=-2), "k1 must be a positive int"),
     (dict(k1=2.0), "k1 must be a positive int"),
     (dict(k1=3, k2=2), "k2 must be >= k1"),
-    (dict(k1=3, reduction="median"), "reduction must be 'mean' or 'sum'"),
-    (dict(k1=3, lengths=np.ones(3, np.int32)), "lengths/mask go in the batch"),
+    (dict(k1=3, reduction="median"), "reduction must be 'sum' or 'mean'"),
+    (dict(k1=3, lengths=np.ones(3, np.int32)), "lengths= is set by the training path"),
+    (dict(k1=3, fused=True, hoist=True), None),
 ])
 def test_bad_settings_raise(kwargs, match):
+  if match is None:  # contradicting unroll settings: raised at the first trace
+    step = bj.tbptt_step(CELL, step_loss, SGD, **kwargs)
+    with pytest.raises(ValueError, match="hoist=True needs fused=False"):
+      step(bj.TrainState.create(make_params(), SGD), make_batch())
+    return
   with pytest.raises(ValueError, match=match):
     bj.tbptt_step(CELL, step_loss, SGD, **kwargs)
+
+
+def test_model_with_unroll_settings_raises():
+  model = bj.cell_model(CELL)
+  with pytest.raises(ValueError, match="given to cell_model"):
+    bj.tbptt_step(model, step_loss, SGD, k1=3, fused=False)
 
 
 def test_bad_optimizer_raises_type_error():
@@ -568,11 +631,11 @@ def test_bad_optimizer_raises_type_error():
 @pytest.mark.parametrize("update, carry_rows, match", [
     ({"ys": np.zeros((3, T - 1, 1))}, None, r"xs and ys must share \[B, T\]"),
     ({"ys": np.zeros((2, T, 1))}, None, r"xs and ys must share \[B, T\]"),
-    ({"mask": np.ones((3, T - 1), bool)}, None, r"mask must be \[B, T\]"),
-    ({"mask": np.ones((T, 3), bool)}, None, r"mask must be \[B, T\]"),
+    ({"mask": np.ones((3, T - 1), bool)}, None, r"mask must have shape \[B, T\]"),
+    ({"mask": np.ones((T, 3), bool)}, None, r"mask must have shape \[B, T\]"),
     ({"reset": np.ones(2, bool)}, 3, r"reset must be \[B\] = \(3,\), got \(2,\)"),
     ({"reset": np.ones((3, 1), bool)}, None, r"reset must be \[B\]"),
-    ({}, 2, "state.carry has batch size 2, batch has B = 3"),
+    ({}, 2, "carry has batch size 2 but xs has B = 3"),
     ({"lengths": np.ones(2, np.int32)}, None, r"lengths must have shape \[B\]"),
 ])
 def test_bad_batches_raise(update, carry_rows, match):
@@ -601,5 +664,5 @@ def test_step_function_cell_needs_a_carry():
     return h, h
 
   step = bj.tbptt_step(step_fn, step_loss, FROZEN, k1=3)
-  with pytest.raises(ValueError, match="has no initial_carry: give the state a carry"):
+  with pytest.raises(ValueError, match="has no initial_carry: pass a carry"):
     step(bj.TrainState.create(make_params(), FROZEN), make_batch())

@@ -436,6 +436,6 @@ def test_bad_inputs_raise():
   def user_step(params, carry, x):
     return carry, carry
 
-  _unroll_error(ValueError, "user_step has no initial_carry: pass carry= to unroll", xs,
+  _unroll_error(ValueError, "user_step has no initial_carry: pass carry=", xs,
                 cell=user_step, params={})
   _unroll_error(TypeError, "expected a bptt_jax.Cell or a step function", xs, cell=3, params={})
