@@ -156,10 +156,16 @@ def _dense_init(key, input_size, hidden_size, gates, input_init, recurrent_init,
 
 
 def _layer_norm(a, gain, bias):
-  """Layer normalization over the last axis (Ba et al. 2016)."""
-  mean = jnp.mean(a, axis=-1, keepdims=True)
-  var = jnp.mean(jnp.square(a - mean), axis=-1, keepdims=True)
-  return (a - mean) * jax.lax.rsqrt(var + _LN_EPS) * _row(gain, a) + _row(bias, a)
+  """Layer normalization over the last axis (Ba et al. 2016).
+
+  The statistics are computed in at least float32 (as Flax does), so bf16 and
+  float16 activations are normalized as accurately as their own rounding allows.
+  """
+  wide = a.astype(jnp.promote_types(a.dtype, jnp.float32))
+  mean = jnp.mean(wide, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(wide - mean), axis=-1, keepdims=True)
+  normed = ((wide - mean) * jax.lax.rsqrt(var + _LN_EPS)).astype(a.dtype)
+  return normed * _row(gain, a) + _row(bias, a)
 
 
 def _row(v, like):
