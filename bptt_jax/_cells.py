@@ -335,8 +335,8 @@ def lstm(hidden_size: int, *, layer_norm: bool = False, forget_bias: float = 1.0
     return params
 
   def initial_carry(batch_size, dtype=jnp.float32):
-    zeros = jnp.zeros((batch_size, H), dtype)
-    return LSTMState(zeros, zeros)
+    # Two buffers, not one twice: a train step may donate the carry.
+    return LSTMState(jnp.zeros((batch_size, H), dtype), jnp.zeros((batch_size, H), dtype))
 
   def recur(params, carry, p_t):
     z = p_t + _hu(params, carry.h, layer_norm)

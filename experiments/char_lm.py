@@ -182,9 +182,18 @@ for m, r in bpc.items():
 
 # ----------------------------------------------------------------------------
 # Recurrent models: one-hot characters in, a linear readout to V logits out.
-# Params are {"cell": ..., "out": ...}, as bptt_jax.tbptt_step expects.
+# Params are {"cell": ..., "out": ...}; the model reads its cell's part.
 
-one_hot = lambda params, ids: jax.nn.one_hot(ids, V)
+one_hot = lambda ids: jax.nn.one_hot(ids, V)
+
+
+def char_model(cell):
+  """A bptt_jax.Model over character ids ``[B, K]``: one-hot, then the cell."""
+
+  def apply(params, carry, ids, mask):
+    return bj.unroll(cell, params["cell"], one_hot(ids), mask=mask, carry=carry)
+
+  return bj.Model(apply, cell.initial_carry, name=cell.name)
 
 
 def step_loss(params, hs, ys):
@@ -201,7 +210,7 @@ def heldout(cell):
   def nats(params, xs, ys, mask):  # each [N chunks, streams, 1000]
     def body(carry, chunk):
       x, y, m = chunk
-      carry, hs = bj.unroll(cell, params["cell"], one_hot(params, x), carry=carry)
+      carry, hs = bj.unroll(cell, params["cell"], one_hot(x), carry=carry)
       return carry, jnp.sum(jnp.where(m, step_loss(params, hs, y), 0.0))
 
     _, per_chunk = jax.lax.scan(body, cell.initial_carry(args.eval_streams), (xs, ys, mask))
@@ -220,13 +229,13 @@ def sampler(cell, length):
 
   @jax.jit
   def sample(params, key, prime, temperature):
-    carry, hs = bj.unroll(cell, params["cell"], one_hot(params, prime[None]))
+    carry, hs = bj.unroll(cell, params["cell"], one_hot(prime[None]))
 
     def body(loop, key):
       carry, h = loop
       logits = bj.readout(params["out"], h) / temperature
       x = jax.random.categorical(key, logits.at[:, OOV].set(-jnp.inf))  # [1]
-      carry, h = cell.step(params["cell"], carry, one_hot(params, x))
+      carry, h = cell.step(params["cell"], carry, one_hot(x))
       return (carry, h), x[0]
 
     _, ids = jax.lax.scan(body, (carry, hs[:, -1]), jax.random.split(key, length))
@@ -274,7 +283,7 @@ def train(m, key):
   cell, B, k1 = cfg["cell"], cfg["batch"], cfg["k1"]
   k_cell, k_out = jax.random.split(key)
   params = {"cell": cell.init(k_cell, V), "out": bj.init_readout(k_out, cell.hidden_size, V)}
-  step = bj.tbptt_step(cell, step_loss, cfg["tx"], k1=k1, encode=one_hot,
+  step = bj.tbptt_step(char_model(cell), step_loss, cfg["tx"], k1=k1,
                        reduction=cfg["reduction"], max_norm=cfg["max_norm"])
   # Streaming: B contiguous streams of the training text; the carry at the end
   # of one batch is where the next batch starts. Each batch holds

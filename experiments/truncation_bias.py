@@ -63,7 +63,11 @@ def stream_batches(key, n_batches):
            "mask": mask[:, i * T:(i + 1) * T]} for i in range(n_batches)]
 
 cell = bj.lstm(H) if args.cell == "lstm" else bj.gru(H)
-encode = lambda params, xs: jax.nn.one_hot(xs, V)  # noqa: E731
+
+def apply(params, carry, tokens, mask):  # the model: one-hot symbols into the cell
+  return bj.unroll(cell, params["cell"], jax.nn.one_hot(tokens, V), mask=mask, carry=carry)
+
+model = bj.Model(apply, cell.initial_carry, name=cell.name)
 
 def step_loss(params, hs, ys):
   return bj.softmax_cross_entropy(bj.readout(params["head"], hs), ys)
@@ -76,7 +80,7 @@ test_xs, test_ys, test_mask = echo_stream(jax.random.fold_in(jax.random.key(args
 
 @jax.jit
 def accuracy(params):
-  _, hs = bj.unroll(cell, params["cell"], encode(params, test_xs))
+  _, hs = apply(params, cell.initial_carry(B), test_xs, None)
   hit = jnp.argmax(bj.readout(params["head"], hs), -1) == test_ys
   return jnp.sum(hit & test_mask) / jnp.sum(test_mask)
 
@@ -93,8 +97,10 @@ tx = bj.optimizer(args.lr, max_norm=1.0)
 for config in args.configs:
   k1, k2 = parse(config)
   key = jax.random.key(args.seed)
-  step = bj.tbptt_step(cell, step_loss, tx, k1=k1, k2=k2, encode=encode)
-  state = bj.TrainState.create(init_params(key), tx, carry=cell.initial_carry(B))
+  step = bj.tbptt_step(model, step_loss, tx, k1=k1, k2=k2)
+  # The stream's state: the carry, and for k2 > k1 the last k2 - k1 steps too.
+  carry = bj.stream_carry(cell.initial_carry(B), jnp.zeros((B, T), jnp.int32), k1=k1, k2=k2)
+  state = bj.TrainState.create(init_params(key), tx, carry=carry)
   accs = []
   with common.Timer() as timer:
     for epoch in range(args.epochs):
@@ -113,7 +119,7 @@ for config in args.configs:
 cost = {}
 batch = stream_batches(jax.random.key(1), 1)[0]
 for K in sorted(set(args.cost_chunks + [T])):
-  step = bj.tbptt_step(cell, step_loss, tx, k1=K, encode=encode, jit=False)
+  step = bj.tbptt_step(model, step_loss, tx, k1=K, jit=False)
   state = bj.TrainState.create(init_params(jax.random.key(0)), tx, carry=cell.initial_carry(B))
   fn = jax.jit(step)
   jax.block_until_ready(fn(state, batch))
