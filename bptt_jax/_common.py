@@ -97,6 +97,15 @@ def step_mask(batch_size: int, num_steps: int, *, lengths=None, mask=None):
   return None
 
 
+def check_carry(carry, batch_size: int) -> None:
+  """Raises ``ValueError`` unless every leaf of ``carry`` is ``[B, ...]``."""
+  for leaf in jax.tree_util.tree_leaves(carry):
+    if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] != batch_size:
+      raise ValueError(
+          f"carry has batch size {(jnp.shape(leaf) or ('none',))[0]} but xs has "
+          f"B = {batch_size} (carry leaves are [B, ...])")
+
+
 def _expand(m, like):
   """``m`` with trailing unit axes up to ``like``'s rank."""
   return m.reshape(m.shape + (1,) * (like.ndim - m.ndim))

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from bptt_jax._cells import Cell, as_cell
 from bptt_jax._common import (
     cast_floats,
+    check_carry,
     compute_dtype,
     select_steps,
     step_mask,
@@ -169,12 +170,20 @@ def start_carry(model: Model, carry, params, xs, batch_size: int):
           f"{model.name} has no initial_carry: pass a carry (to tbptt_step: the state's "
           "carry)")
     return model.initial_carry(batch_size, dt)
-  for leaf in jax.tree_util.tree_leaves(carry):
-    if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] != batch_size:
-      raise ValueError(
-          f"carry has batch size {(jnp.shape(leaf) or ('none',))[0]} but xs has "
-          f"B = {batch_size} (carry leaves are [B, ...])")
+  check_carry(carry, batch_size)
   return cast_floats(carry, dt)
+
+
+def settle_carry(model: Model, params, carry, xs_chunk, mask_chunk):
+  """``carry`` cast to the dtypes ``model.apply`` returns it in, so that a loop
+  over chunks keeps one carry type whatever the model computes in (a model may
+  run parts of its params in another dtype)."""
+  out = jax.eval_shape(lambda c: model.apply(params, c, xs_chunk, mask_chunk)[0], carry)
+  if jax.tree_util.tree_structure(out) != jax.tree_util.tree_structure(carry):
+    raise ValueError(
+        f"{model.name}: apply must return a carry of the structure it takes, got "
+        f"{jax.tree_util.tree_structure(out)} for {jax.tree_util.tree_structure(carry)}")
+  return jax.tree_util.tree_map(lambda c, o: c.astype(o.dtype), carry, out)
 
 
 def segmented_loss(model, params, xs, ys, step_loss: Callable, *, lengths=None, mask=None,
@@ -238,7 +247,9 @@ def segmented_loss(model, params, xs, ys, step_loss: Callable, *, lengths=None, 
 
   if n > 1:
     segment = jax.checkpoint(segment)
-  carry, sums = jax.lax.scan(segment, carry, jax.tree_util.tree_map(split, (xs, ys, m)))
+  chunks = jax.tree_util.tree_map(split, (xs, ys, m))
+  carry = settle_carry(model, params, carry, *jax.tree_util.tree_map(lambda a: a[0], chunks[::2]))
+  carry, sums = jax.lax.scan(segment, carry, chunks)
   loss = reduce_loss(jnp.sum(sums), jnp.sum(m), B, reduction)
   return loss, carry
 

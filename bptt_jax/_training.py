@@ -33,8 +33,14 @@ class TrainState(NamedTuple):
 
   @classmethod
   def create(cls, params, tx: optax.GradientTransformation, *, carry=None):
-    """A fresh state: ``guard(tx)`` initialized on ``params``, step 0."""
+    """A fresh state: ``guard(tx)`` initialized on ``params``, step 0.
+
+    The state holds its own copy of ``params`` and ``carry`` (one buffer per
+    leaf), so a train step that donates the state never invalidates the arrays
+    passed in here.
+    """
     _check_tx(tx)
+    params, carry = jax.tree_util.tree_map(jnp.array, (params, carry))
     return cls(params, guard(tx).init(params), jnp.zeros((), jnp.int32), carry)
 
 

@@ -22,6 +22,7 @@ from bptt_jax._model import (
     check_reduction,
     masked_sum,
     reduce_loss,
+    settle_carry,
     start_carry,
 )
 from bptt_jax._training import TrainState, _check_tx, apply_gradients
@@ -251,6 +252,10 @@ def tbptt_step(model, step_loss: Callable, tx: optax.GradientTransformation, *,
     else:
       xs, mask = _pad_time(xs, 0, back), _pad_time(mask, 0, back, False)
     ys = _pad_time(ys, front, back)
+
+    first = _window(xs, 0, k1), mask[:, :k1]
+    carry = settle_carry(model, state.params, carry, *first)
+    fresh = settle_carry(model, state.params, fresh, *first)
 
     def body(loop, n):
       state, carry = loop

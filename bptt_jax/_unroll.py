@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from bptt_jax._cells import Cell, as_cell
 from bptt_jax._common import (
   cast_floats,
+  check_carry,
   check_lengths,
   check_positive_int,
   compute_dtype,
@@ -49,11 +50,7 @@ def initial_carry(cell: Cell, carry, batch_size: int, dtype):
     if cell.initial_carry is None:
       raise ValueError(f"{cell.name} has no initial_carry: pass carry=")
     return cell.initial_carry(batch_size, dtype)
-  for leaf in jax.tree_util.tree_leaves(carry):
-    if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] != batch_size:
-      raise ValueError(
-          f"carry has batch size {(jnp.shape(leaf) or ('none',))[0]} but xs has "
-          f"B = {batch_size} (carry leaves are [B, ...])")
+  check_carry(carry, batch_size)
   return cast_floats(carry, dtype)
 
 

@@ -10,6 +10,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import matplotlib
 
 matplotlib.use("Agg")
@@ -100,7 +101,8 @@ class KeepBest:
   def __call__(self, params) -> dict:
     score = float(self.score_fn(params))
     if self.index is None or self.sign * score > self.sign * self.scores[self.index]:
-      self.params, self.index = params, len(self.scores)
+      # A copy: the train step donates the state's buffers to the next state.
+      self.params, self.index = jax.tree_util.tree_map(jnp.copy, params), len(self.scores)
     self.scores.append(score)
     return {self.name: score}
 

@@ -15,3 +15,5 @@ def test_readme_examples_run():
     exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102
   assert namespace["metrics"]["loss"].shape == (4,)  # tbptt: ceil(100 / 25) chunks
   assert namespace["norms"].shape == (32, 100)
+  assert namespace["lm_metrics"]["loss"].shape == (3,)  # ceil(59 / 20) chunks
+  assert bool(namespace["lm_metrics"]["finite"].all())
