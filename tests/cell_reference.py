@@ -6,6 +6,10 @@ values) or ``jax.numpy`` (to differentiate a reference with ``jax.grad``). Biase
 are broadcast explicitly (``b[None]``) because the tests run with
 ``jax_numpy_rank_promotion="raise"``.
 
+The references always compute in float64 numpy (``loop_unroll`` casts what it is
+given), so a float32 run of the library is compared with the exact result of
+its own float32 params and inputs.
+
 Shapes: ``B`` batch, ``T`` time, ``D`` inputs, ``H`` hidden units.
 """
 
@@ -14,13 +18,29 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import bptt_jax as bj
 
-F64 = jnp.float64
+F32, F64 = np.float32, np.float64
 LN_EPS = 1e-5
+
+# The dtypes a numerical test runs in: float32, what users run, and float64
+# (with jax_enable_x64 on), where the library agrees with the references to
+# rounding. Use as ``@pytest.mark.parametrize("dtype", DTYPES)``.
+DTYPES = [pytest.param(F32, id="float32"),
+          pytest.param(F64, id="float64", marks=pytest.mark.float64)]
+
+# Tolerances per dtype. Values (``VALUE_TOL``, element-wise): after a few
+# steps float32 (eps 6e-8) is within about 5e-7 of the float64 result on the same
+# rounded params and inputs, float64 within 1e-14. Gradients (``GRAD_TOL``, for
+# ``assert_grads_close``): ``atol`` is relative to the largest entry of each
+# leaf, since an entry that is a small sum of large terms (a weight gradient
+# summed over steps and the batch) is only as exact as the largest entry; float32
+# gradients measured within 3e-7 of that scale.
+VALUE_TOL = {F32: dict(rtol=1e-5, atol=1e-6), F64: dict(rtol=1e-12, atol=1e-12)}
+GRAD_TOL = {F32: dict(rtol=1e-5, atol=1e-5), F64: dict(rtol=1e-10, atol=1e-12)}
 
 
 def sigmoid(xp, a):
@@ -93,29 +113,31 @@ class Spec:
     self.make, self.step, self.zeros = make, step, zeros
 
 
-CELLS = {
-    "rnn_tanh": Spec(lambda H: bj.rnn(H, "tanh", dtype=F64),
+CELLS = {  # make(H, dtype) builds the cell with params in ``dtype``
+    "rnn_tanh": Spec(lambda H, dtype=F64: bj.rnn(H, "tanh", dtype=dtype),
                      functools.partial(rnn_step, activation="tanh"), zeros_h),
-    "rnn_relu": Spec(lambda H: bj.rnn(H, "relu", dtype=F64),
+    "rnn_relu": Spec(lambda H, dtype=F64: bj.rnn(H, "relu", dtype=dtype),
                      functools.partial(rnn_step, activation="relu"), zeros_h),
-    "irnn": Spec(lambda H: bj.irnn(H, input_std=0.5, dtype=F64),
+    "irnn": Spec(lambda H, dtype=F64: bj.irnn(H, input_std=0.5, dtype=dtype),
                  functools.partial(rnn_step, activation="relu"), zeros_h),
-    "lstm": Spec(lambda H: bj.lstm(H, dtype=F64), lstm_step, zeros_hc),
-    "gru": Spec(lambda H: bj.gru(H, dtype=F64), gru_step, zeros_h),
-    "rnn_tanh_ln": Spec(lambda H: bj.rnn(H, "tanh", layer_norm=True, dtype=F64),
+    "lstm": Spec(lambda H, dtype=F64: bj.lstm(H, dtype=dtype), lstm_step, zeros_hc),
+    "gru": Spec(lambda H, dtype=F64: bj.gru(H, dtype=dtype), gru_step, zeros_h),
+    "rnn_tanh_ln": Spec(lambda H, dtype=F64: bj.rnn(H, "tanh", layer_norm=True, dtype=dtype),
                         functools.partial(rnn_step, activation="tanh", ln=True), zeros_h),
-    "rnn_relu_ln": Spec(lambda H: bj.rnn(H, "relu", layer_norm=True, dtype=F64),
+    "rnn_relu_ln": Spec(lambda H, dtype=F64: bj.rnn(H, "relu", layer_norm=True, dtype=dtype),
                         functools.partial(rnn_step, activation="relu", ln=True), zeros_h),
-    "lstm_ln": Spec(lambda H: bj.lstm(H, layer_norm=True, dtype=F64),
+    "lstm_ln": Spec(lambda H, dtype=F64: bj.lstm(H, layer_norm=True, dtype=dtype),
                     functools.partial(lstm_step, ln=True), zeros_hc),
-    "gru_ln": Spec(lambda H: bj.gru(H, layer_norm=True, dtype=F64),
+    "gru_ln": Spec(lambda H, dtype=F64: bj.gru(H, layer_norm=True, dtype=dtype),
                    functools.partial(gru_step, ln=True), zeros_h),
 }
 CELL_NAMES = list(CELLS)
 
 
 def random_params(params, seed, scale=0.5):
-  """Same structure as ``params``, every leaf redrawn (gains near 1), as float64 numpy.
+  """Same structure as ``params``, every leaf redrawn (gains near 1), as numpy.
+
+  Each leaf keeps its dtype: values are drawn in float64, then rounded.
 
   Redrawing every leaf (biases, gains, ``b_hn``) makes sure each one enters the
   equations where the docstring says. ``params`` may be ``jax.ShapeDtypeStruct``
@@ -127,13 +149,31 @@ def random_params(params, seed, scale=0.5):
   def draw(path, leaf):
     key = str(getattr(path[-1], "key", ""))
     noise = rng.normal(size=leaf.shape)
-    return 1.0 + 0.3 * noise if key.startswith("g_") else scale * noise
+    value = 1.0 + 0.3 * noise if key.startswith("g_") else scale * noise
+    return value.astype(leaf.dtype)
 
   return jax.tree_util.tree_map_with_path(draw, params)
 
 
 def to_numpy(tree):
   return jax.tree_util.tree_map(np.asarray, tree)
+
+
+def cast(tree, dtype):
+  """Every leaf of ``tree`` as a numpy array of ``dtype``."""
+  return jax.tree_util.tree_map(lambda a: np.asarray(a, dtype), tree)
+
+
+def to_f64(tree):
+  """Every leaf as float64 numpy: what the references compute in."""
+  return cast(tree, F64)
+
+
+def assert_dtype(tree, dtype):
+  """Every floating leaf of ``tree`` has ``dtype`` (counts and flags are left alone)."""
+  dtypes = [np.dtype(leaf.dtype) for leaf in jax.tree_util.tree_leaves(tree)]
+  floats = [d for d in dtypes if np.issubdtype(d, np.floating)]
+  assert floats and all(d == np.dtype(dtype) for d in floats), (np.dtype(dtype), dtypes)
 
 
 def stack_step(*steps):
@@ -161,6 +201,8 @@ def loop_unroll(step, params, xs, carry, H, *, lengths=None, reverse=False):
   when ``reverse``) and stepped alone; its outputs are written back in the
   original order and left zero past its length.
 
+  Everything is cast to float64 first.
+
   Args:
     step: ``step(xp, params, carry, x_t) -> (carry, h_t)``.
     params: numpy params.
@@ -173,7 +215,7 @@ def loop_unroll(step, params, xs, carry, H, *, lengths=None, reverse=False):
   Returns:
     ``(final_carry, hs [B, T, H])``, numpy.
   """
-  xs = np.asarray(xs)
+  xs, params, carry = to_f64((xs, params, carry))
   B, T = xs.shape[:2]
   lengths = [T] * B if lengths is None else [int(n) for n in lengths]
   hs = np.zeros((B, T, H))
@@ -198,6 +240,17 @@ def assert_tree_allclose(actual, expected, **kwargs):
   assert len(a_leaves) == len(e_leaves), (len(a_leaves), len(e_leaves))
   for a, e in zip(a_leaves, e_leaves, strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(e), **kwargs)
+
+
+def assert_grads_close(actual, expected, *, rtol, atol):
+  """Leaf by leaf, ``|a - e| <= rtol |e| + atol max|e|`` (the leaf's largest entry)."""
+  a_leaves = jax.tree_util.tree_leaves(actual)
+  e_leaves = jax.tree_util.tree_leaves(expected)
+  assert len(a_leaves) == len(e_leaves), (len(a_leaves), len(e_leaves))
+  for a, e in zip(a_leaves, e_leaves, strict=True):
+    a, e = np.asarray(a, F64), np.asarray(e, F64)
+    scale = float(np.abs(e).max()) if e.size else 0.0
+    np.testing.assert_allclose(a, e, rtol=rtol, atol=atol * scale)
 
 
 def run_sequence(xp, step, params, xs, carry):

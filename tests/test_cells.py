@@ -10,7 +10,11 @@ import pytest
 from cell_reference import (
   CELL_NAMES,
   CELLS,
+  DTYPES,
+  F32,
   F64,
+  VALUE_TOL,
+  assert_dtype,
   assert_tree_allclose,
   gru_step,
   loop_unroll,
@@ -18,6 +22,7 @@ from cell_reference import (
   random_params,
   rnn_step,
   stack_step,
+  to_f64,
   zeros_h,
   zeros_hc,
 )
@@ -31,7 +36,7 @@ dims = chex.Dimensions(B=2, T=5, D=3, H=4)
 
 
 def _init(cell, input_size, seed=1):
-  """Random float64 params with the structure of ``cell.init`` (traced, not run)."""
+  """Random params in the cell's dtype with the structure of ``cell.init`` (traced, not run)."""
   return random_params(jax.eval_shape(lambda k: cell.init(k, input_size), KEY), seed)
 
 
@@ -39,25 +44,28 @@ def _readout(H, O, seed=4):
   return random_params(jax.eval_shape(lambda k: bj.init_readout(k, H, O, F64), KEY), seed)
 
 
-def _inputs(shape, seed=2):
-  return np.random.default_rng(seed).normal(size=shape)
+def _inputs(shape, seed=2, dtype=F64):
+  return np.random.default_rng(seed).normal(size=shape).astype(dtype)
 
 
 # ----------------------------------------------------------------------------
 # Equations: two steps against numpy.
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", CELL_NAMES)
-def test_two_steps_match_numpy_equations(name):
+def test_two_steps_match_numpy_equations(name, dtype):
   spec = CELLS[name]
   B, D, H = dims.B, dims.D, dims.H
-  cell = spec.make(H)
+  cell = spec.make(H, dtype)
   params = _init(cell, D)
-  xs = _inputs((B, 2, D))
-  c0 = jax.tree_util.tree_map(lambda a: a + _inputs(a.shape, seed=3), spec.zeros(B, H))
+  xs = _inputs((B, 2, D), dtype=dtype)
+  c0 = jax.tree_util.tree_map(lambda a: (a + _inputs(a.shape, seed=3)).astype(dtype),
+                              spec.zeros(B, H))
 
-  c1, h1 = spec.step(np, params, c0, xs[:, 0])
-  c2, h2 = spec.step(np, params, c1, xs[:, 1])
+  ref = to_f64((params, c0, xs))
+  c1, h1 = spec.step(np, *ref[:2], ref[2][:, 0])
+  c2, h2 = spec.step(np, ref[0], c1, ref[2][:, 1])
 
   @jax.jit
   def two_steps(params, c0, xs):
@@ -65,14 +73,18 @@ def test_two_steps_match_numpy_equations(name):
     c2, h2 = cell.step(params, c1, xs[:, 1])
     return (c1, h1), (c2, h2), cell.hidden(c2)
 
-  (got_c1, got_h1), (got_c2, got_h2), hidden = two_steps(params, c0, xs)
+  got = two_steps(params, c0, xs)
+  (got_c1, got_h1), (got_c2, got_h2), hidden = got
   chex.assert_shape([got_h1, got_h2], (B, H))
-  np.testing.assert_allclose(got_h1, h1, rtol=1e-12, atol=1e-12)
-  np.testing.assert_allclose(got_h2, h2, rtol=1e-12, atol=1e-12)
-  assert_tree_allclose((got_c1, got_c2), (c1, c2), rtol=1e-12, atol=1e-12)
-  np.testing.assert_allclose(hidden, h2, rtol=1e-12, atol=1e-12)
+  assert_dtype(got, dtype)
+  tol = VALUE_TOL[dtype]
+  np.testing.assert_allclose(got_h1, h1, **tol)
+  np.testing.assert_allclose(got_h2, h2, **tol)
+  assert_tree_allclose((got_c1, got_c2), (c1, c2), **tol)
+  np.testing.assert_allclose(hidden, h2, **tol)
 
 
+@pytest.mark.float64
 def test_rnn_tanh_by_hand():
   # H = D = 1: W = 0.5, U = -1, b = 0.1; x = (1, 2).
   cell = bj.rnn(1, "tanh", dtype=F64)
@@ -84,6 +96,7 @@ def test_rnn_tanh_by_hand():
   np.testing.assert_allclose([h1, h2], [0.5370495669980353, 0.5101632506598709], rtol=1e-14)
 
 
+@pytest.mark.float64
 def test_lstm_gate_order_by_hand():
   # H = D = 1, one step from zeros: z = x W + b with x = 1, gates (i, f, g, o).
   cell = bj.lstm(1, dtype=F64)
@@ -97,6 +110,7 @@ def test_lstm_gate_order_by_hand():
   np.testing.assert_allclose([new.h[0, 0], new.c[0, 0], out[0, 0]], [h, c, h], rtol=1e-14)
 
 
+@pytest.mark.float64
 def test_gru_reset_gate_multiplies_recurrent_bias_by_hand():
   # H = D = 1, one step: a = x W + b, u = h U; n = tanh(a_n + r (u_n + b_hn)).
   cell = bj.gru(1, dtype=F64)
@@ -112,6 +126,7 @@ def test_gru_reset_gate_multiplies_recurrent_bias_by_hand():
   np.testing.assert_allclose([new[0, 0], out[0, 0]], [h, h], rtol=1e-14)
 
 
+@pytest.mark.float64
 def test_layer_norm_lstm_normalizes_cell_state_for_output_by_hand():
   # W = U = 0: the gates are b; c = σ(f) c0 + σ(i) tanh(g); h = σ(o) tanh(LN(c)).
   H = 3
@@ -135,11 +150,12 @@ def test_layer_norm_lstm_normalizes_cell_state_for_output_by_hand():
 # Initializers and carries.
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", CELL_NAMES)
-def test_param_shapes_and_initial_carry(name):
+def test_param_shapes_and_initial_carry(name, dtype):
   spec = CELLS[name]
   B, D, H = dims.B, dims.D, dims.H
-  cell = spec.make(H)
+  cell = spec.make(H, dtype)
   params = jax.eval_shape(lambda k: cell.init(k, D), KEY)  # shapes only; values: below
   G = {"lstm": 4, "gru": 3}.get(name.split("_")[0], 1)
   want = {"W": (D, G * H), "U": (H, G * H), "b": (G * H,)}
@@ -150,21 +166,28 @@ def test_param_shapes_and_initial_carry(name):
   if name.startswith("gru"):
     want.update(b_hn=(H,))
   assert {k: v.shape for k, v in params.items()} == want
-  assert all(v.dtype == jnp.float64 for v in params.values())
+  assert_dtype(params, dtype)
   assert cell.hidden_size == H and cell.input_size(params) == D
-  carry = jax.jit(cell.initial_carry, static_argnums=(0, 1))(B, jnp.float32)
+  carry = jax.jit(cell.initial_carry, static_argnums=(0, 1))(B, dtype)
   assert_tree_allclose(carry, spec.zeros(B, H), atol=0)
-  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(carry))
+  assert_dtype(carry, dtype)
+  default = jax.jit(cell.initial_carry, static_argnums=0)(B)  # float32 unless asked
+  assert_dtype(default, F32)
+  # The factories' default parameter dtype is float32 (with x64 on, too).
+  base = name.removesuffix("_ln")
+  make = {"rnn_tanh": lambda: bj.rnn(H, "tanh"), "rnn_relu": lambda: bj.rnn(H, "relu"),
+          "irnn": lambda: bj.irnn(H), "lstm": lambda: bj.lstm(H), "gru": lambda: bj.gru(H)}[base]
+  assert_dtype(jax.eval_shape(lambda k: make().init(k, D), KEY), F32)
 
 
 def test_lstm_default_init():
   # Orthogonal [H, H] block per gate, zero biases but the forget block, unit LN gains.
   D, H = 3, 4
-  p = jax.jit(bj.lstm(H, forget_bias=2.5, layer_norm=True, dtype=F64).init,
-              static_argnums=1)(KEY, D)
+  p = jax.jit(bj.lstm(H, forget_bias=2.5, layer_norm=True).init, static_argnums=1)(KEY, D)
+  assert_dtype(p, F32)  # the default
   for k in range(4):
-    block = np.asarray(p["U"][:, k * H:(k + 1) * H])
-    np.testing.assert_allclose(block.T @ block, np.eye(H), atol=1e-12)
+    block = np.asarray(p["U"][:, k * H:(k + 1) * H], F64)
+    np.testing.assert_allclose(block.T @ block, np.eye(H), atol=VALUE_TOL[F32]["atol"])
   assert not np.allclose(p["U"][:, :H], p["U"][:, H:2 * H])  # a fresh key per gate
   np.testing.assert_array_equal(p["b"], np.r_[np.zeros(H), 2.5 * np.ones(H), np.zeros(2 * H)])
   for k in ("g_x", "g_h", "g_c"):
@@ -176,7 +199,7 @@ def test_lstm_default_init():
 
 
 def test_gru_identity_init_and_hidden_bias():
-  p = jax.jit(bj.gru(3, recurrent_init="identity", dtype=F64).init, static_argnums=1)(KEY, 2)
+  p = jax.jit(bj.gru(3, recurrent_init="identity").init, static_argnums=1)(KEY, 2)
   np.testing.assert_array_equal(p["U"], np.concatenate([np.eye(3)] * 3, axis=1))
   np.testing.assert_array_equal(p["b_hn"], np.zeros(3))
   np.testing.assert_array_equal(p["b"], np.zeros(9))
@@ -185,7 +208,7 @@ def test_gru_identity_init_and_hidden_bias():
 def test_irnn_init_follows_le_et_al():
   # IRNN (Le et al. 2015): U = I, b = 0, W ~ N(0, input_std^2).
   D = H = 40
-  p = jax.jit(bj.irnn(H, input_std=0.1, dtype=F64).init, static_argnums=1)(KEY, D)
+  p = jax.jit(bj.irnn(H, input_std=0.1).init, static_argnums=1)(KEY, D)
   np.testing.assert_array_equal(p["U"], np.eye(H))
   np.testing.assert_array_equal(p["b"], np.zeros(H))
   assert abs(float(np.std(p["W"])) - 0.1) < 0.01
@@ -214,6 +237,7 @@ GRAD_PATHS = {
 }
 
 
+@pytest.mark.float64
 @pytest.mark.parametrize("name", CELL_NAMES)
 def test_gradients_match_finite_differences(name):
   spec = CELLS[name]
@@ -245,22 +269,25 @@ def rnn_step_relu(xp, p, h, x):
   return rnn_step(xp, p, h, x, activation="relu")
 
 
-def test_stack_matches_loop_over_layers_and_time():
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_stack_matches_loop_over_layers_and_time(dtype):
   B, T, D = 3, 6, 3
-  cell = bj.stack(bj.lstm(4, dtype=F64), bj.gru(3, dtype=F64), bj.rnn(5, "relu", dtype=F64))
+  cell = bj.stack(bj.lstm(4, dtype=dtype), bj.gru(3, dtype=dtype), bj.rnn(5, "relu", dtype=dtype))
   params = _init(cell, D)
   chex.assert_shape([params[0]["W"], params[1]["W"], params[2]["W"]],
                     [(D, 16), (4, 9), (3, 5)])
-  xs = _inputs((B, T, D))
+  xs = _inputs((B, T, D), dtype=dtype)
   lengths = np.array([6, 2, 0])
   ref_step = stack_step(lstm_step, gru_step, rnn_step_relu)
   carry0 = (zeros_hc(B, 4), zeros_h(B, 3), zeros_h(B, 5))
+  tol = VALUE_TOL[dtype]
   for lens in (None, lengths):
     final, hs = jax.jit(lambda p, xs, lens=lens: bj.unroll(cell, p, xs, lengths=lens))(params, xs)
+    assert_dtype((final, hs), dtype)
     want_final, want_hs = loop_unroll(ref_step, params, xs, carry0, 5, lengths=lens)
-    np.testing.assert_allclose(hs, want_hs, rtol=1e-12, atol=1e-12)
-    assert_tree_allclose(final, want_final, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(cell.hidden(final), want_final[-1], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(hs, want_hs, **tol)
+    assert_tree_allclose(final, want_final, **tol)
+    np.testing.assert_allclose(cell.hidden(final), want_final[-1], **tol)
   assert cell.hidden_size == 5
 
 
@@ -279,6 +306,7 @@ def test_stack_errors():
 FLAX_CELLS = [nn.LSTMCell, nn.GRUCell, nn.SimpleCell, nn.OptimizedLSTMCell]
 
 
+@pytest.mark.float64
 @pytest.mark.parametrize("make", FLAX_CELLS, ids=lambda m: m.__name__)
 def test_from_flax_matches_flax_rnn(make):
   B, T, D, H = 3, 5, 3, 4
@@ -302,6 +330,7 @@ def test_from_flax_matches_flax_rnn(make):
   np.testing.assert_allclose(cell.hidden(final), flax_hs[:, -1], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.float64
 def test_from_flax_lengths_match_flax_seq_lengths():
   B, T, D, H = 3, 6, 2, 4
   cell = bj.from_flax(nn.LSTMCell(features=H, param_dtype=F64))
@@ -321,8 +350,8 @@ def test_from_flax_lengths_match_flax_seq_lengths():
 
 
 def test_from_flax_errors():
-  xs = np.zeros((2, 3, 5))
-  cell = bj.from_flax(nn.GRUCell(features=4, param_dtype=F64))
+  xs = np.zeros((2, 3, 5), F32)
+  cell = bj.from_flax(nn.GRUCell(features=4))
   params = _init(cell, 3)
   with pytest.raises(ValueError, match="flax.GRUCell: inputs have 5 features but the params "
                                        "expect D = 3"):

@@ -6,7 +6,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cell_reference import CELLS, F64, numerical_grad, random_params, rnn_step, take_rows
+from cell_reference import (
+  CELLS,
+  DTYPES,
+  F32,
+  F64,
+  GRAD_TOL,
+  VALUE_TOL,
+  assert_dtype,
+  assert_grads_close,
+  numerical_grad,
+  random_params,
+  rnn_step,
+  take_rows,
+  to_f64,
+)
 
 import bptt_jax as bj
 
@@ -14,16 +28,16 @@ KEY = jax.random.key(0)
 B, T, D, H, O = 3, 6, 2, 4, 2
 
 
-def _inputs(shape, seed=2):
-  return np.random.default_rng(seed).normal(size=shape)
+def _inputs(shape, seed=2, dtype=F64):
+  return np.random.default_rng(seed).normal(size=shape).astype(dtype)
 
 
 def _params(cell, seed=1):
   return random_params(jax.eval_shape(lambda k: cell.init(k, D), KEY), seed)
 
 
-def _readout(seed=3):
-  return random_params(jax.eval_shape(lambda k: bj.init_readout(k, H, O, F64), KEY), seed)
+def _readout(seed=3, dtype=F64):
+  return random_params(jax.eval_shape(lambda k: bj.init_readout(k, H, O, dtype), KEY), seed)
 
 
 def _loss_of_hs(kind, ro, ys, lengths):
@@ -62,13 +76,15 @@ def _perturbed_dh(activation, params, xs, h0, lengths, loss):
   return numerical_grad(loss_of_eps, np.zeros((B, T, H)))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("use_lengths", [False, True])
 @pytest.mark.parametrize("kind", ["seq2one", "seq2seq"])
 @pytest.mark.parametrize("activation", ["tanh", "relu"])
-def test_explicit_bptt_equals_autodiff_through_unroll(activation, kind, use_lengths):
-  cell = bj.rnn(H, activation, dtype=F64)
-  params, ro = _params(cell, seed=4), _readout()  # seed 4: no dead ReLU at the end
-  xs, ys, h0 = _inputs((B, T, D)), _inputs((B, T, O), seed=4), 0.5 * _inputs((B, H), seed=5)
+def test_explicit_bptt_equals_autodiff_through_unroll(activation, kind, use_lengths, dtype):
+  cell = bj.rnn(H, activation, dtype=dtype)
+  params, ro = _params(cell, seed=4), _readout(dtype=dtype)  # seed 4: no dead ReLU at the end
+  xs, ys = _inputs((B, T, D), dtype=dtype), _inputs((B, T, O), seed=4, dtype=dtype)
+  h0 = 0.5 * _inputs((B, H), seed=5, dtype=dtype)
   lengths = np.array([6, 3, 0]) if use_lengths else None
   loss_of_hs = _loss_of_hs(kind, ro, ys, lengths)
 
@@ -82,27 +98,32 @@ def test_explicit_bptt_equals_autodiff_through_unroll(activation, kind, use_leng
                                   lengths=lengths, per_step=True),
             jax.value_and_grad(direct, (0, 1))(params, h0))
 
-  (loss, g), (want_loss, (want_grads, want_dh0)) = run(params, h0)
-  tol = dict(rtol=1e-10, atol=1e-10)
-  np.testing.assert_allclose(loss, want_loss, **tol)
+  out = run(params, h0)
+  assert_dtype(out, dtype)
+  (loss, g), (want_loss, (want_grads, want_dh0)) = out
+  tol = GRAD_TOL[dtype]
+  np.testing.assert_allclose(loss, want_loss, **VALUE_TOL[dtype])
   for k in ("W", "U", "b"):
-    np.testing.assert_allclose(g.grads[k], want_grads[k], **tol)
-    np.testing.assert_allclose(g.per_step[k].sum(axis=0), want_grads[k], **tol)
+    assert_grads_close(g.grads[k], want_grads[k], **tol)
+    assert_grads_close(g.per_step[k].sum(axis=0), want_grads[k], **tol)
     assert g.per_step[k].shape == (T,) + want_grads[k].shape
-  np.testing.assert_allclose(g.dcarry, want_dh0, **tol)
+  assert_grads_close(g.dcarry, want_dh0, **tol)
+  params, ro, xs, ys, h0 = to_f64((params, ro, xs, ys, h0))
   want_dh = _perturbed_dh(activation, params, xs, h0, lengths,
                           _numpy_loss(kind, ro, ys, lengths))
-  np.testing.assert_allclose(g.dh, want_dh, rtol=1e-6, atol=1e-8)
+  # Central differences in float64 are good to about 1e-8.
+  assert_grads_close(g.dh, want_dh, **{F32: tol, F64: dict(rtol=1e-6, atol=1e-8)}[dtype])
   if use_lengths:  # padded steps contribute nothing to the weight gradients
     for k in ("W", "U", "b"):
       np.testing.assert_array_equal(g.per_step[k][lengths.max():], 0.0)
   assert np.abs(want_grads["U"]).max() > 1e-3  # the test is not vacuous
 
 
-def test_rnn_bptt_without_per_step_and_default_carry():
-  cell = bj.rnn(H, dtype=F64)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rnn_bptt_without_per_step_and_default_carry(dtype):
+  cell = bj.rnn(H, dtype=dtype)
   params = _params(cell)
-  xs, dhs = _inputs((B, T, D)), _inputs((B, T, H), seed=6)
+  xs, dhs = _inputs((B, T, D), dtype=dtype), _inputs((B, T, H), seed=6, dtype=dtype)
 
   def direct(params, h0):  # sum_t <dhs_t, h_t> has direct gradient dhs
     _, hs = bj.unroll(cell, params, xs, carry=h0, fused=False)
@@ -110,15 +131,17 @@ def test_rnn_bptt_without_per_step_and_default_carry():
 
   @jax.jit
   def run(params):
-    return bj.rnn_bptt(params, xs, dhs), jax.grad(direct, (0, 1))(params, jnp.zeros((B, H)))
+    return (bj.rnn_bptt(params, xs, dhs),
+            jax.grad(direct, (0, 1))(params, jnp.zeros((B, H), dtype)))
 
   g, (want, want_dh0) = run(params)
   assert g.per_step is None
-  for k in ("W", "U", "b"):
-    np.testing.assert_allclose(g.grads[k], want[k], rtol=1e-10, atol=1e-10)
-  np.testing.assert_allclose(g.dcarry, want_dh0, rtol=1e-10, atol=1e-10)
+  assert_dtype((g, want), dtype)
+  assert_grads_close(g.grads, want, **GRAD_TOL[dtype])
+  assert_grads_close(g.dcarry, want_dh0, **GRAD_TOL[dtype])
 
 
+@pytest.mark.float64
 def test_rnn_bptt_gradient_passes_through_padded_steps():
   # rnn_bptt's docstring: a padded step copies h forward, so a gradient given
   # there (dhs nonzero at t >= lengths[b]) flows back to the last valid step.
@@ -176,18 +199,20 @@ def _numpy_dh(activation, params, ro, xs, ys, lengths):
   return loss, dh, mask[..., 0]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("activation", ["tanh", "relu"])
-def test_gradient_flow_rnn_matches_numpy_recursion(activation):
-  cell = bj.rnn(H, activation, dtype=F64)
-  params, ro = _params(cell), _readout()
-  xs, ys = _inputs((B, T, D)), _inputs((B, T, O), seed=4)
+def test_gradient_flow_rnn_matches_numpy_recursion(activation, dtype):
+  cell = bj.rnn(H, activation, dtype=dtype)
+  params, ro = _params(cell), _readout(dtype=dtype)
+  xs, ys = _inputs((B, T, D), dtype=dtype), _inputs((B, T, O), seed=4, dtype=dtype)
   lengths = np.array([6, 4, 0])
   loss_of_hs = _loss_of_hs("seq2seq", ro, ys, lengths)
   loss, norms = jax.jit(lambda p, xs: bj.gradient_flow(cell, p, xs, loss_of_hs,
                                                        lengths=lengths))(params, xs)
-  want_loss, dh, mask = _numpy_dh(activation, params, ro, xs, ys, lengths)
-  np.testing.assert_allclose(loss, want_loss, rtol=1e-12)
-  np.testing.assert_allclose(norms, np.linalg.norm(dh, axis=-1) * mask, rtol=1e-10, atol=1e-12)
+  assert_dtype((loss, norms), dtype)
+  want_loss, dh, mask = _numpy_dh(activation, *to_f64((params, ro, xs, ys)), lengths)
+  np.testing.assert_allclose(loss, want_loss, **VALUE_TOL[dtype])
+  assert_grads_close(norms, np.linalg.norm(dh, axis=-1) * mask, **GRAD_TOL[dtype])
   assert norms.shape == (B, T) and norms[0].min() > 0
 
 
@@ -213,6 +238,7 @@ def _perturbed_h_grads(spec, params, xs, lengths, loss):
   return numerical_grad(loss_of_eps, np.zeros((B, T, H)))
 
 
+@pytest.mark.float64
 @pytest.mark.parametrize("name", ["lstm", "gru"])
 def test_gradient_flow_matches_perturbation_loop(name):
   spec = CELLS[name]
@@ -253,6 +279,7 @@ def _fd_jacobian(f, h):
 
 # The reference Jacobian: jax.jacobian of a jax.numpy Python loop, or central
 # differences of the numpy loop.
+@pytest.mark.float64
 @pytest.mark.parametrize("name,use_lengths,how", [("rnn_tanh", True, "jax"),
                                                   ("lstm", False, "fd")])
 def test_jacobian_norms_match_jacobian_of_python_loop(name, use_lengths, how):
@@ -291,8 +318,8 @@ def test_jacobian_norms_match_jacobian_of_python_loop(name, use_lengths, how):
 
 
 def test_bad_inputs_raise():
-  params = {"W": np.zeros((D, H)), "U": np.zeros((H, H)), "b": np.zeros(H)}
-  xs, dhs = np.zeros((B, T, D)), np.zeros((B, T, H))
+  params = {"W": np.zeros((D, H), F32), "U": np.zeros((H, H), F32), "b": np.zeros(H, F32)}
+  xs, dhs = np.zeros((B, T, D), F32), np.zeros((B, T, H), F32)
 
   def raises(exc, match, fn, *args):
     with pytest.raises(exc, match=match):
@@ -312,8 +339,8 @@ def test_bad_inputs_raise():
          dhs)
   raises(ValueError, r"lengths must have shape \[B\] = \(3,\), got \(2,\)",
          lambda p, xs: bj.rnn_bptt(p, xs, dhs, lengths=np.array([1, 2])), params, xs)
-  cell = bj.rnn(H, dtype=F64)
+  cell = bj.rnn(H)
   raises(ValueError, "rnn_tanh: inputs have 3 features but the params expect D = 2",
-         lambda p, xs: bj.gradient_flow(cell, p, xs, jnp.sum), params, np.zeros((B, T, 3)))
+         lambda p, xs: bj.gradient_flow(cell, p, xs, jnp.sum), params, np.zeros((B, T, 3), F32))
   raises(ValueError, r"lengths must lie in \[0, T\] = \[0, 6\], got values from 0 to 7",
          lambda p, xs: bj.jacobian_norms(cell, p, xs, lengths=np.array([0, 7, 1])), params, xs)

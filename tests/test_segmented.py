@@ -1,10 +1,21 @@
 """``segmented_loss`` (O(sqrt T) memory BPTT) against the loss over a plain loop."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cell_reference import CELLS, random_params, run_sequence
+from cell_reference import (
+  CELLS,
+  DTYPES,
+  F32,
+  GRAD_TOL,
+  VALUE_TOL,
+  assert_dtype,
+  assert_grads_close,
+  random_params,
+)
 
 import bptt_jax as bj
 
@@ -15,22 +26,29 @@ def _step_loss(params, hs, ys):
   return jnp.sum((hs @ params["V"] - ys) ** 2, axis=-1)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name,remat,reduction", [
     ("lstm", "sqrt", "sum"), ("gru", 4, "mean"), ("rnn_tanh", 1, "sum"), ("lstm_ln", 4, "sum")])
-def test_segmented_loss_equals_plain_loop(name, remat, reduction):
+def test_segmented_loss_equals_plain_loop(name, remat, reduction, dtype):
   spec = CELLS[name]
-  cell = spec.make(H)
+  cell = spec.make(H, dtype)
   rng = np.random.default_rng(0)
   params = {"cell": jax.tree_util.tree_map(
-                jnp.asarray, random_params(cell.init(jax.random.key(0), D), 1)),
-            "V": jnp.asarray(rng.normal(size=(H, O)))}
-  xs = jnp.asarray(rng.normal(size=(B, T, D)))
-  ys = jnp.asarray(rng.normal(size=(B, T, O)))
+                jnp.asarray, random_params(jax.eval_shape(lambda k: cell.init(k, D),
+                                                          jax.random.key(0)), 1)),
+            "V": jnp.asarray(rng.normal(size=(H, O)), dtype)}
+  xs = jnp.asarray(rng.normal(size=(B, T, D)), dtype)
+  ys = jnp.asarray(rng.normal(size=(B, T, O)), dtype)
   lengths = np.array([11, 6, 0])
 
   def loss(params):
     return bj.segmented_loss(cell, params, xs, ys, _step_loss, lengths=lengths,
                              remat=remat, reduction=reduction)[0]
+
+  # A Python loop over sequences and steps, differentiated op by op: one
+  # compiled step (a jitted step called many times compiles far faster than
+  # one jit of the whole unrolled loop).
+  step = jax.jit(functools.partial(spec.step, jnp))
 
   def reference(params):
     total, count = 0.0, 0
@@ -38,40 +56,42 @@ def test_segmented_loss_equals_plain_loop(name, remat, reduction):
       n = int(lengths[b])
       if n == 0:
         continue
-      carry = jax.tree_util.tree_map(lambda a: jnp.asarray(a), spec.zeros(1, H))
-      _, hs = run_sequence(jnp, spec.step, params["cell"], xs[b:b + 1, :n], carry)
-      for t, h in enumerate(hs):
+      carry = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), spec.zeros(1, H))
+      for t in range(n):
+        carry, h = step(params["cell"], carry, xs[b:b + 1, t])
         total = total + jnp.sum((h @ params["V"] - ys[b:b + 1, t]) ** 2)
       count += n
     return total / B if reduction == "sum" else total / count
 
   value, grads = jax.jit(jax.value_and_grad(loss))(params)
-  ref_value, ref_grads = jax.jit(jax.value_and_grad(reference))(params)
-  np.testing.assert_allclose(value, ref_value, rtol=1e-12)
-  for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref_grads)):
-    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+  ref_value, ref_grads = jax.value_and_grad(reference)(params)
+  assert_dtype((value, grads, ref_value, ref_grads), dtype)
+  np.testing.assert_allclose(value, ref_value, **VALUE_TOL[dtype])
+  assert_grads_close(grads, ref_grads, **GRAD_TOL[dtype])
 
 
-def test_segmented_loss_final_carry_is_each_sequence_end():
-  cell = bj.gru(H, dtype=jnp.float64)
-  params = {"cell": cell.init(jax.random.key(0), D), "V": jnp.ones((H, O))}
-  xs = jax.random.normal(jax.random.key(1), (B, T, D), jnp.float64)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_segmented_loss_final_carry_is_each_sequence_end(dtype):
+  cell = bj.gru(H, dtype=dtype)
+  params = {"cell": cell.init(jax.random.key(0), D), "V": jnp.ones((H, O), dtype)}
+  xs = jax.random.normal(jax.random.key(1), (B, T, D), dtype)
   lengths = np.array([11, 6, 0])
   _, final = jax.jit(lambda p: bj.segmented_loss(
-      cell, p, xs, jnp.zeros((B, T, O)), _step_loss, lengths=lengths, remat=3))(params)
+      cell, p, xs, jnp.zeros((B, T, O), dtype), _step_loss, lengths=lengths, remat=3))(params)
+  assert final.dtype == dtype
+  cell_params = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params["cell"])
   for b in range(B):
     n = int(lengths[b])
     h = np.zeros((1, H))
     for t in range(n):
-      h, _ = CELLS["gru"].step(np, jax.tree_util.tree_map(np.asarray, params["cell"]), h,
-                               np.asarray(xs[b:b + 1, t]))
-    np.testing.assert_allclose(final[b], h[0], atol=1e-12)
+      h, _ = CELLS["gru"].step(np, cell_params, h, np.asarray(xs[b:b + 1, t], np.float64))
+    np.testing.assert_allclose(final[b], h[0], **VALUE_TOL[dtype])
 
 
 def test_segmented_loss_plans_less_memory_than_unroll():
   cell = bj.lstm(64)
-  params = {"cell": cell.init(jax.random.key(0), 8), "V": jnp.ones((64, O), jnp.float32)}
-  xs, ys = jnp.ones((4, 400, 8), jnp.float32), jnp.zeros((4, 400, O), jnp.float32)
+  params = {"cell": cell.init(jax.random.key(0), 8), "V": jnp.ones((64, O), F32)}
+  xs, ys = jnp.ones((4, 400, 8), F32), jnp.zeros((4, 400, O), F32)
 
   def plain(p):
     _, hs = bj.unroll(cell, p["cell"], xs)

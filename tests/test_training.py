@@ -1,7 +1,9 @@
 """Tests for bptt_jax/_training.py: the optimizer factory, guarded updates, train_step.
 
 References are optax chains built here, numpy formulas, and updates the tests
-apply themselves (``jax.grad`` of the loss, then ``tx.update``).
+apply themselves (``jax.grad`` of the loss, then ``tx.update``). The optimizer
+tests compare with numpy formulas in float64; train_step runs in float32 and
+float64.
 """
 
 import functools
@@ -12,12 +14,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from cell_reference import DTYPES, F32, F64, assert_dtype
 
 import bptt_jax as bj
 
-F64 = jnp.float64
 dims = chex.Dimensions(B=3, T=4, D=2, H=5)
 TOL = dict(rtol=1e-12, atol=1e-14)
+# train_step against the same update written out: both run in ``dtype`` and
+# differ only in the order of float operations (float32: measured within 1e-7
+# relative).
+TOLS = {F32: dict(rtol=1e-6, atol=1e-7), F64: TOL}
 
 
 def to_np(tree):
@@ -45,13 +51,13 @@ def assert_trees_equal(a, b):
 
 
 def np_global_norm(tree):
-  return float(np.sqrt(sum(np.sum(np.square(x)) for x in leaves(tree))))
+  return float(np.sqrt(sum(np.sum(np.square(np.asarray(x, F64))) for x in leaves(tree))))
 
 
 # ----------------------------------------------------------------------------
-# optimizer()
+# optimizer(), in float64 against numpy formulas.
 
-
+float64 = pytest.mark.float64
 RNG = np.random.default_rng(0)
 PARAMS = {"a": RNG.normal(size=(3, 4)), "b": RNG.normal(size=(4,))}
 # Gradients with global norms on both sides of 1.0, so clipping matters.
@@ -70,6 +76,7 @@ def run_updates(tx, grads=GRADS, params=PARAMS):
   return out
 
 
+@float64
 def test_default_optimizer_is_clip_then_adam():
   ours = run_updates(bj.optimizer(1e-2, max_norm=1.0))
   theirs = run_updates(optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2)))
@@ -80,6 +87,7 @@ def test_default_optimizer_is_clip_then_adam():
   assert not np.allclose(ours[-1]["a"], unclipped[-1]["a"], rtol=1e-3)
 
 
+@float64
 def test_sgd_with_global_norm_clipping_matches_numpy():
   lr, max_norm = 0.1, 1.0
   ours = run_updates(bj.optimizer(lr, name="sgd", max_norm=max_norm))
@@ -89,6 +97,7 @@ def test_sgd_with_global_norm_clipping_matches_numpy():
       np.testing.assert_allclose(u[k], -lr * scale * g[k], **TOL)
 
 
+@float64
 def test_clip_value_is_element_wise():
   lr, c = 0.1, 0.5
   ours = run_updates(bj.optimizer(lr, name="sgd", max_norm=None, clip_value=c))
@@ -98,6 +107,7 @@ def test_clip_value_is_element_wise():
   assert np.abs(GRADS[0]["a"]).max() > c  # some entries are clipped
 
 
+@float64
 def test_sgd_momentum_kwargs_reach_the_rule():
   lr, mu = 0.1, 0.9
   ours = run_updates(bj.optimizer(lr, name="sgd", max_norm=None, momentum=mu))
@@ -108,6 +118,7 @@ def test_sgd_momentum_kwargs_reach_the_rule():
       np.testing.assert_allclose(u[k], -lr * trace[k], **TOL)
 
 
+@float64
 def test_adagrad_matches_numpy():
   """min-char-rnn's setup: element-wise clipping, then Adagrad."""
   lr, c = 0.1, 1.0
@@ -121,6 +132,7 @@ def test_adagrad_matches_numpy():
       np.testing.assert_allclose(u[k], -lr * gc / np.sqrt(acc[k] + 1e-7), rtol=1e-10)
 
 
+@float64
 @pytest.mark.parametrize("name, rule", [
     ("adam", optax.adam), ("adamw", optax.adamw), ("rmsprop", optax.rmsprop),
 ])
@@ -130,6 +142,7 @@ def test_named_rules_match_optax(name, rule):
     assert_trees_close(u, v)
 
 
+@float64
 def test_user_transform_after_clipping():
   ours = run_updates(bj.optimizer(name="not-used", transform=optax.scale(-0.5), max_norm=1.0))
   for g, u in zip(GRADS, ours, strict=True):
@@ -138,6 +151,7 @@ def test_user_transform_after_clipping():
       np.testing.assert_allclose(u[k], -0.5 * scale * g[k], **TOL)
 
 
+@float64
 def test_schedule_as_learning_rate():
   schedule = optax.linear_schedule(0.1, 0.0, transition_steps=4)
   ours = run_updates(bj.optimizer(schedule, name="sgd", max_norm=None))
@@ -172,24 +186,25 @@ def test_non_transformations_raise_type_error():
 # train_step: one step written out by hand.
 
 
-CELL = bj.rnn(dims.H, dtype=F64)
+CELL = bj.rnn(dims.H)  # its params are made below, in the dtype under test
 
 
-def make_params(seed=0):
+def make_params(seed=0, dtype=F32):
   rng = np.random.default_rng(seed)
-  return {
+  params = {
       "cell": {"W": rng.normal(size=(dims.D, dims.H)) * 0.7,
                "U": rng.normal(size=(dims.H, dims.H)) * 0.4, "b": np.zeros(dims.H)},
       "out": {"W": rng.normal(size=(dims.H, 1)), "b": np.zeros(1)},
   }
+  return jax.tree_util.tree_map(lambda a: a.astype(dtype), params)
 
 
-def make_batch(seed=1, nan=False):
+def make_batch(seed=1, nan=False, dtype=F32):
   rng = np.random.default_rng(seed)
-  xs = rng.normal(size=(dims.B, dims.T, dims.D))
+  xs = rng.normal(size=(dims.B, dims.T, dims.D)).astype(dtype)
   if nan:
     xs[1, 2, 0] = np.nan
-  return {"xs": xs, "ys": rng.normal(size=(dims.B, dims.T, 1))}
+  return {"xs": xs, "ys": rng.normal(size=(dims.B, dims.T, 1)).astype(dtype)}
 
 
 def loss_fn(params, batch):
@@ -212,9 +227,9 @@ REF_TX = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2))  # built 
 STEP = bj.train_step(loss_fn, TX, donate=False)  # the tests read old states again
 
 
-def hand_run(batches, params=None):
+def hand_run(batches, params=None, dtype=F32):
   """``hand_step`` with ``REF_TX`` over ``batches``: ``(params, opt_state, losses, grads)``."""
-  params = make_params() if params is None else params
+  params = make_params(dtype=dtype) if params is None else params
   opt_state, losses, grads = REF_TX.init(params), [], []
   for batch in batches:
     params, opt_state, loss, g = hand_step(REF_TX, params, opt_state, batch)
@@ -223,16 +238,19 @@ def hand_run(batches, params=None):
   return params, opt_state, losses, grads
 
 
-def test_train_step_equals_hand_written_update():
-  state = bj.TrainState.create(make_params(), TX)
-  batches = [make_batch(seed) for seed in (1, 2, 3)]
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_train_step_equals_hand_written_update(dtype):
+  state = bj.TrainState.create(make_params(dtype=dtype), TX)
+  batches = [make_batch(seed, dtype=dtype) for seed in (1, 2, 3)]
+  tol = TOLS[dtype]
   for n, batch in enumerate(batches):  # the optimizer state is carried along
     state, metrics = STEP(state, batch)
-    ref_params, ref_opt, ref_losses, ref_grads = hand_run(batches[:n + 1])
-    assert_trees_close(state.params, ref_params)
-    assert_trees_close(state.opt_state.inner_state, ref_opt)
-    np.testing.assert_allclose(metrics["loss"], ref_losses[-1], **TOL)
-    np.testing.assert_allclose(metrics["grad_norm"], np_global_norm(ref_grads[-1]), **TOL)
+    assert_dtype((state.params, metrics["loss"], metrics["grad_norm"]), dtype)
+    ref_params, ref_opt, ref_losses, ref_grads = hand_run(batches[:n + 1], dtype=dtype)
+    assert_trees_close(state.params, ref_params, **tol)
+    assert_trees_close(state.opt_state.inner_state, ref_opt, **tol)
+    np.testing.assert_allclose(metrics["loss"], ref_losses[-1], **tol)
+    np.testing.assert_allclose(metrics["grad_norm"], np_global_norm(ref_grads[-1]), **tol)
     assert bool(metrics["finite"])
     assert int(metrics["nonfinite"]) == 0 and int(metrics["nonfinite_total"]) == 0
   assert int(state.step) == 3
@@ -245,21 +263,24 @@ SCALED_STEP = bj.train_step(lambda p, b: b["scale"] * loss_fn(p, b),
                             bj.optimizer(0.1, name="sgd", max_norm=MAX_NORM), max_norm=MAX_NORM)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("factor, clipped", [(2.0, True), (0.5, False)])
-def test_clipped_flag_and_clipped_update(factor, clipped):
+def test_clipped_flag_and_clipped_update(factor, clipped, dtype):
   """The loss is scaled so that its gradient norm is ``factor * max_norm``."""
-  params, batch = make_params(), make_batch()
+  params, batch = make_params(dtype=dtype), make_batch(dtype=dtype)
   grads = to_np(GRAD(params, batch))
-  scale = factor * MAX_NORM / np_global_norm(grads)
-  grads = jax.tree_util.tree_map(lambda g: scale * g, grads)
+  scale = dtype(factor * MAX_NORM / np_global_norm(grads))
+  grads = jax.tree_util.tree_map(lambda g: np.asarray(scale, F64) * g, grads)
   state = bj.TrainState.create(params, bj.optimizer(0.1, name="sgd", max_norm=MAX_NORM))
-  state, metrics = SCALED_STEP(state, dict(batch, scale=np.float64(scale)))
+  state, metrics = SCALED_STEP(state, dict(batch, scale=scale))
 
+  assert_dtype((state.params, metrics["grad_norm"]), dtype)
   assert bool(metrics["clipped"]) is clipped
-  np.testing.assert_allclose(metrics["grad_norm"], factor * MAX_NORM, **TOL)  # before clipping
+  tol = TOLS[dtype]
+  np.testing.assert_allclose(metrics["grad_norm"], factor * MAX_NORM, **tol)  # before clipping
   shrink = min(1.0, 1.0 / factor)
   expected = jax.tree_util.tree_map(lambda p, g: p - 0.1 * shrink * g, params, grads)
-  assert_trees_close(state.params, expected)
+  assert_trees_close(state.params, expected, **tol)
 
 
 def test_train_step_does_not_retrace():
@@ -287,23 +308,24 @@ def test_train_step_merges_dict_aux_into_metrics():
   _, metrics = bj.train_step(with_aux, tx, has_aux=True)(
       bj.TrainState.create(make_params(), tx), make_batch())
   _, _, losses, _ = hand_run([make_batch()])
-  np.testing.assert_allclose(metrics["twice"], 2 * losses[0], **TOL)
+  np.testing.assert_allclose(metrics["twice"], 2 * losses[0], **TOLS[F32])
 
 
 def test_train_step_without_jit_is_the_same_function():
   state = bj.TrainState.create(make_params(), TX)
   plain, _ = jax.jit(bj.train_step(loss_fn, TX, jit=False))(state, make_batch())
   ref_params, _, _, _ = hand_run([make_batch()])
-  assert_trees_close(plain.params, ref_params)
+  assert_trees_close(plain.params, ref_params, **TOLS[F32])
 
 
 # ----------------------------------------------------------------------------
 # Non-finite safety.
 
 
-def test_nan_batch_is_skipped_and_training_resumes():
-  s1, _ = STEP(bj.TrainState.create(make_params(), TX), make_batch(1))
-  s2, m2 = STEP(s1, make_batch(2, nan=True))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nan_batch_is_skipped_and_training_resumes(dtype):
+  s1, _ = STEP(bj.TrainState.create(make_params(dtype=dtype), TX), make_batch(1, dtype=dtype))
+  s2, m2 = STEP(s1, make_batch(2, nan=True, dtype=dtype))
 
   assert_trees_equal(s2.params, s1.params)
   assert_trees_equal(s2.opt_state.inner_state, s1.opt_state.inner_state)
@@ -311,15 +333,17 @@ def test_nan_batch_is_skipped_and_training_resumes():
   assert int(m2["nonfinite"]) == 1 and int(m2["nonfinite_total"]) == 1
   assert int(s2.step) == 2  # a skipped step still counts
 
-  s3, m3 = STEP(s2, make_batch(2, nan=True))
+  s3, m3 = STEP(s2, make_batch(2, nan=True, dtype=dtype))
   assert int(m3["nonfinite"]) == 2 and int(m3["nonfinite_total"]) == 2
   assert_trees_equal(s3.params, s1.params)
 
   # The next finite step trains as if the NaN steps had never happened.
-  s4, m4 = STEP(s3, make_batch(3))
-  ref_params, ref_opt, _, _ = hand_run([make_batch(1), make_batch(3)])
-  assert_trees_close(s4.params, ref_params)
-  assert_trees_close(s4.opt_state.inner_state, ref_opt)
+  s4, m4 = STEP(s3, make_batch(3, dtype=dtype))
+  ref_params, ref_opt, _, _ = hand_run([make_batch(1, dtype=dtype), make_batch(3, dtype=dtype)],
+                                       dtype=dtype)
+  assert_dtype(s4.params, dtype)
+  assert_trees_close(s4.params, ref_params, **TOLS[dtype])
+  assert_trees_close(s4.opt_state.inner_state, ref_opt, **TOLS[dtype])
   assert bool(m4["finite"])
   assert int(m4["nonfinite"]) == 0 and int(m4["nonfinite_total"]) == 2
 
@@ -335,7 +359,7 @@ POISONED_GRAD = jax.jit(jax.grad(poisoned))
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_nonfinite_loss_with_finite_grads_is_skipped(bad):
-  batch = dict(make_batch(), poison=np.float64(bad))
+  batch = dict(make_batch(), poison=F32(bad))
   params = make_params()
   grads = POISONED_GRAD(params, batch)
   assert all(np.isfinite(x).all() for x in leaves(grads))
@@ -345,10 +369,11 @@ def test_nonfinite_loss_with_finite_grads_is_skipped(bad):
   assert not bool(metrics["finite"])
   assert int(metrics["nonfinite"]) == 1
   # The same step with a finite constant does update.
-  moved, _ = POISONED_STEP(state, dict(batch, poison=np.float64(1.0)))
+  moved, _ = POISONED_STEP(state, dict(batch, poison=F32(1.0)))
   assert not np.array_equal(moved.params["cell"]["W"], params["cell"]["W"])
 
 
+@float64
 def test_apply_gradients_skip_keeps_everything():
   tx = optax.adam(1e-2)
   state = bj.TrainState.create(PARAMS, tx)
@@ -358,6 +383,7 @@ def test_apply_gradients_skip_keeps_everything():
   np.testing.assert_allclose(metrics["grad_norm"], np_global_norm(GRADS[0]), **TOL)
 
 
+@float64
 def test_guard_leaves_params_and_state_alone_on_nan_gradients():
   tx = bj.guard(optax.adam(1e-2))
   state = tx.init(PARAMS)

@@ -3,8 +3,10 @@
 The reference never calls ``tbptt_step``, ``unroll`` or autodiff: it slices each
 window itself, runs a tanh RNN in numpy step by step, backpropagates through
 the window by hand (the BPTT recursion, stopped at the window's start) and
-applies the optax update itself, chunk after chunk. Everything runs in float64
-(the conftest enables x64), so updates are compared to 1e-10.
+applies the optax update itself, chunk after chunk. The reference always runs
+in float64 (its optax updates inside ``jax.enable_x64``). The library runs in
+float64, where updates are compared to 1e-10, and, for the main comparisons,
+also in float32, from the same params and data rounded to float32.
 """
 
 import functools
@@ -16,13 +18,25 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from cell_reference import assert_dtype
 
 import bptt_jax as bj
 
-F64 = jnp.float64
+F32, F64 = np.float32, np.float64
 dims = chex.Dimensions(B=3, D=2, H=4, O=1)
 T = 10  # one sequence length for most tests, so compiled steps are shared
 TOL = dict(rtol=1e-10, atol=1e-10)
+# float32 against the float64 reference. After one update, or SGD updates,
+# float32 params, losses and carries are within 4e-7 of it (measured).
+TOLS = {F32: dict(rtol=1e-5, atol=1e-6), F64: TOL}
+# After several clipped Adam updates, within 7e-6 (measured, 8 updates): Adam
+# divides each gradient entry by its own running magnitude, so the float32
+# rounding of a small entry (about 1e-7 of the largest) becomes a relative error
+# of that entry's update; later losses and carries inherit the params' error.
+ADAM_TOLS = {F32: dict(rtol=1e-5, atol=2e-5), F64: TOL}
+DTYPES = [pytest.param(F32, id="float32"),
+          pytest.param(F64, id="float64", marks=pytest.mark.float64)]
+float64 = pytest.mark.float64
 
 
 # ----------------------------------------------------------------------------
@@ -35,18 +49,20 @@ def step_loss(params, hs, ys):
   return jnp.sum((preds - ys) ** 2, axis=-1)
 
 
-def make_params(seed=0, *, D=dims.D, H=dims.H, O=dims.O):
+def make_params(seed=0, *, D=dims.D, H=dims.H, O=dims.O, dtype=F64):
   rng = np.random.default_rng(seed)
-  return {
+  params = {
       "cell": {"W": rng.normal(size=(D, H)) * 0.8, "U": rng.normal(size=(H, H)) * 0.5,
                "b": rng.normal(size=(H,)) * 0.1},
       "out": {"W": rng.normal(size=(H, O)), "b": rng.normal(size=(O,)) * 0.1},
   }
+  return jax.tree_util.tree_map(lambda a: a.astype(dtype), params)
 
 
-def make_batch(T=T, seed=1, *, B=dims.B, D=dims.D, O=dims.O):
+def make_batch(T=T, seed=1, *, B=dims.B, D=dims.D, O=dims.O, dtype=F64):
   rng = np.random.default_rng(seed)
-  return {"xs": rng.normal(size=(B, T, D)), "ys": rng.normal(size=(B, T, O))}
+  return {"xs": rng.normal(size=(B, T, D)).astype(dtype),
+          "ys": rng.normal(size=(B, T, O)).astype(dtype)}
 
 
 def to_np(tree):
@@ -154,15 +170,21 @@ def reference_tbptt(params, batch, tx, *, k1, k2=None, reduction="mean", carry=N
     A dict: ``params``, ``losses`` ``[N]``, ``counts`` ``[N]``, ``carries``
     after each chunk ``[N, B, H]``, the final ``carry`` and ``opt_state``.
   """
+  with jax.enable_x64(True):  # the optax updates in float64 too
+    return _reference_tbptt(params, batch, tx, k1=k1, k2=k2, reduction=reduction, carry=carry,
+                            n_chunks=n_chunks, opt_state=opt_state)
+
+
+def _reference_tbptt(params, batch, tx, *, k1, k2, reduction, carry, n_chunks, opt_state):
   k2 = k1 if k2 is None else k2
   xs = np.asarray(batch["xs"], np.float64)
   ys = np.asarray(batch["ys"], np.float64)
   mask = batch_mask(batch)
   B, T = xs.shape[:2]
   N = math.ceil(T / k1) if n_chunks is None else n_chunks
-  h = np.zeros((B, np.shape(params["cell"]["U"])[0])) if carry is None else np.asarray(carry)
+  h = np.zeros((B, np.shape(params["cell"]["U"])[0])) if carry is None else np.asarray(carry, F64)
   params = to_np(params)
-  opt_state = tx.init(params) if opt_state is None else opt_state
+  opt_state = tx.init(params) if opt_state is None else to_np(opt_state)
   losses, counts, ends = [], [], []
   for n in range(N):
     lo, first, hi = (n + 1) * k1 - k2, n * k1, (n + 1) * k1
@@ -185,6 +207,7 @@ def final_h(params, xs, h0=None):
   return np_forward(params["cell"], h0, xs, np.ones(xs.shape[:2], bool), 0, xs.shape[1])[0][-1]
 
 
+@float64
 def test_reference_gradients_equal_autodiff():
   """The hand-written BPTT of the reference against ``jax.grad`` of the same window."""
   params, batch = make_params(), make_batch()
@@ -215,7 +238,7 @@ def test_reference_gradients_equal_autodiff():
 # ----------------------------------------------------------------------------
 # The library's step, built once per setting.
 
-CELL = bj.rnn(dims.H, dtype=F64)
+CELL = bj.rnn(dims.H)  # its params are made by make_params, in the dtype under test
 TX = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(0.05))
 SGD = optax.sgd(0.1)
 FROZEN = optax.sgd(0.0)  # params never move: carries are those of one forward pass
@@ -238,8 +261,9 @@ def tbptt(k1, k2=None, *, tx=TX, reduction="mean", remat=None):
   return _tbptt(k1, k2, tx, reduction, remat)
 
 
-def stream_state(params, tx, k1=3, k2=None):
-  carry = bj.stream_carry(jnp.zeros((dims.B, dims.H), F64), make_batch()["xs"], k1=k1, k2=k2)
+def stream_state(params, tx, k1=3, k2=None, dtype=F64):
+  carry = bj.stream_carry(jnp.zeros((dims.B, dims.H), dtype), make_batch(dtype=dtype)["xs"],
+                          k1=k1, k2=k2)
   return bj.TrainState.create(params, tx, carry=carry)
 
 
@@ -262,20 +286,23 @@ UNROLL = jax.jit(lambda p, x: bj.unroll(CELL, p, x))
 # K >= T: one chunk, the full-BPTT update.
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("K", [T, T + 3])
-def test_one_chunk_equals_full_bptt(K):
-  params, batch = make_params(), make_batch()
+def test_one_chunk_equals_full_bptt(K, dtype):
+  params, batch = make_params(dtype=dtype), make_batch(dtype=dtype)
   state = bj.TrainState.create(params, TX)
   s_tbptt, m = tbptt(K)(state, batch)
   s_full, m_full = FULL_STEP(state, batch)
   ref = reference_tbptt(params, batch, TX, k1=K)
 
   assert m["loss"].shape == (1,)
-  assert_trees_close(s_tbptt.params, s_full.params)
-  assert_trees_close(s_tbptt.params, ref["params"])
-  np.testing.assert_allclose(m["loss"][0], m_full["loss"], **TOL)
-  np.testing.assert_allclose(m["loss"], ref["losses"], **TOL)
-  np.testing.assert_allclose(m["grad_norm"][0], m_full["grad_norm"], **TOL)
+  assert_dtype((s_tbptt.params, m["loss"], m["grad_norm"]), dtype)
+  tol = TOLS[dtype]
+  assert_trees_close(s_tbptt.params, s_full.params, **tol)
+  assert_trees_close(s_tbptt.params, ref["params"], **tol)
+  np.testing.assert_allclose(m["loss"][0], m_full["loss"], **tol)
+  np.testing.assert_allclose(m["loss"], ref["losses"], **tol)
+  np.testing.assert_allclose(m["grad_norm"][0], m_full["grad_norm"], **tol)
   assert int(m["steps"][0]) == dims.B * T
   assert int(s_tbptt.step) == 1
 
@@ -289,23 +316,27 @@ def test_one_chunk_equals_full_bptt(K):
     (2, 5, "mean"),  # TBPTT(k1, k2) with k2 > 2 k1
     (3, 4, "sum"),  # k2 > k1 and a partial last chunk
 ])
-def test_chunks_match_python_loop(k1, k2, reduction):
-  params, batch = make_params(), make_batch()
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_chunks_match_python_loop(k1, k2, reduction, dtype):
+  params, batch = make_params(dtype=dtype), make_batch(dtype=dtype)
   new, m = tbptt(k1, k2, reduction=reduction)(bj.TrainState.create(params, TX), batch)
   ref = reference_tbptt(params, batch, TX, k1=k1, k2=k2, reduction=reduction)
 
   assert m["loss"].shape == (math.ceil(T / k1),)
-  np.testing.assert_allclose(m["loss"], ref["losses"], **TOL)
+  assert_dtype((new.params, m["loss"]), dtype)
+  tol = ADAM_TOLS[dtype]
+  np.testing.assert_allclose(m["loss"], ref["losses"], **tol)
   np.testing.assert_array_equal(m["steps"], ref["counts"])
-  assert_trees_close(new.params, ref["params"])
-  assert_trees_close(new.opt_state.inner_state, ref["opt_state"])
+  assert_trees_close(new.params, ref["params"], **tol)
+  assert_trees_close(new.opt_state.inner_state, ref["opt_state"], **tol)
   assert int(new.step) == math.ceil(T / k1)
   assert new.carry is None  # not streaming: nothing handed on
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind, k1, k2", [("lengths", 3, None), ("mask", 2, 5)])
-def test_chunks_with_lengths_or_mask_match_python_loop(kind, k1, k2):
-  params, batch = make_params(), make_batch()
+def test_chunks_with_lengths_or_mask_match_python_loop(kind, k1, k2, dtype):
+  params, batch = make_params(dtype=dtype), make_batch(dtype=dtype)
   if kind == "lengths":
     # Chunks 2 and 3 (steps 6-9) hold no valid step: no update, not counted.
     batch["lengths"] = np.array([6, 5, 0], np.int32)
@@ -320,9 +351,11 @@ def test_chunks_with_lengths_or_mask_match_python_loop(kind, k1, k2):
 
   assert int(np.sum(metrics["steps"])) == n_valid  # every valid step counted once
   np.testing.assert_array_equal(metrics["steps"], ref["counts"])
-  np.testing.assert_allclose(metrics["loss"], ref["losses"], **TOL)
-  assert_trees_close(new.params, ref["params"])
-  assert_trees_close(new.opt_state.inner_state, ref["opt_state"])  # skipped chunks: untouched
+  assert_dtype((new.params, metrics["loss"]), dtype)
+  tol = ADAM_TOLS[dtype]
+  np.testing.assert_allclose(metrics["loss"], ref["losses"], **tol)
+  assert_trees_close(new.params, ref["params"], **tol)
+  assert_trees_close(new.opt_state.inner_state, ref["opt_state"], **tol)  # skipped: untouched
   assert int(new.step) == n_updates
 
 
@@ -330,6 +363,7 @@ def test_chunks_with_lengths_or_mask_match_python_loop(kind, k1, k2):
 # The carry handed across chunk boundaries.
 
 
+@float64
 @pytest.mark.parametrize("k1, k2, streaming", [(3, None, True), (3, 5, True), (2, 6, False)])
 def test_carries_at_boundaries_equal_one_forward_pass(k1, k2, streaming):
   """With the params fixed (lr 0) the carry after chunk ``n`` is ``h`` at step
@@ -368,6 +402,7 @@ def dot_tbptt(k1, k2):
                        reduction="sum")
 
 
+@float64
 @pytest.mark.parametrize("k1, k2, chunks", [(2, 5, (0, 2, 4)), (3, 3, (1, 3))])
 def test_update_backpropagates_through_exactly_k2_steps(k1, k2, chunks):
   """One-hot time markers as inputs make row ``t`` of ``dL/dW`` the error
@@ -412,6 +447,7 @@ def test_update_backpropagates_through_exactly_k2_steps(k1, k2, chunks):
 # T not a multiple of K.
 
 
+@float64
 def test_partial_last_chunk_is_trained_without_retrace():
   """T = 10, K = 3: the last chunk holds one step; it is trained, and a second
   batch of the same shape reuses the compiled step."""
@@ -440,6 +476,7 @@ def test_partial_last_chunk_is_trained_without_retrace():
 # Streaming: the carry continues from one batch to the next.
 
 
+@float64
 @pytest.mark.parametrize("k1, k2", [(3, None), (3, 5)])
 def test_streaming_carry_continues_across_batches(k1, k2):
   params = make_params()
@@ -463,6 +500,7 @@ def test_streaming_carry_continues_across_batches(k1, k2):
     np.testing.assert_array_equal(s2.carry.mask, np.ones((dims.B, front), bool))
 
 
+@float64
 def test_streaming_after_a_partial_last_chunk_starts_from_the_batch_end():
   """T = 10, k1 = 3: the last chunk is partial (padded, masked), so the stream
   continues from the carry at the batch's end, with no steps of history."""
@@ -472,6 +510,7 @@ def test_streaming_after_a_partial_last_chunk_starts_from_the_batch_end():
   np.testing.assert_array_equal(s1.carry.mask, np.zeros((dims.B, 2), bool))
 
 
+@float64
 @pytest.mark.parametrize("k1, k2, reduction", [(3, 5, "mean"), (2, 7, "sum"), (5, 5, "mean")])
 def test_streamed_batches_equal_one_run_over_their_concatenation(k1, k2, reduction):
   """TBPTT(k1, k2) over two streamed batches gives the updates (params after
@@ -501,29 +540,35 @@ def test_streamed_batches_equal_one_run_over_their_concatenation(k1, k2, reducti
 
 def test_streaming_with_k2_above_k1_needs_a_stream_carry():
   step = tbptt(3, 5, tx=FROZEN)
-  state = bj.TrainState.create(make_params(), FROZEN, carry=jnp.zeros((dims.B, dims.H), F64))
+  state = bj.TrainState.create(make_params(dtype=F32), FROZEN,
+                               carry=jnp.zeros((dims.B, dims.H), F32))
   with pytest.raises(ValueError, match=r"start from bj.stream_carry"):
-    step(state, make_batch())
+    step(state, make_batch(dtype=F32))
 
 
-def test_streaming_matches_python_loop_while_training():
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_streaming_matches_python_loop_while_training(dtype):
   """With lr > 0 each chunk's carry is computed with the params current at that chunk."""
-  params = make_params()
+  params = make_params(dtype=dtype)
   step = tbptt(3)
-  b1, b2 = make_batch(seed=1), make_batch(seed=2)
-  s1, _ = step(stream_state(params, TX), b1)
+  b1, b2 = make_batch(seed=1, dtype=dtype), make_batch(seed=2, dtype=dtype)
+  s1, _ = step(stream_state(params, TX, dtype=dtype), b1)
   s2, m2 = step(s1, b2)
+  assert_dtype((s1.params, s1.carry, s2.params, s2.carry, m2["loss"], m2["carry"]), dtype)
 
+  # The second batch's reference continues from the first's, all in float64.
   r1 = reference_tbptt(params, b1, TX, k1=3)
   r2 = reference_tbptt(r1["params"], b2, TX, k1=3, carry=r1["carry"], opt_state=r1["opt_state"])
-  assert_trees_close(s1.params, r1["params"])
-  np.testing.assert_allclose(s1.carry, r1["carry"], **TOL)
-  np.testing.assert_allclose(m2["loss"], r2["losses"], **TOL)
-  np.testing.assert_allclose(m2["carry"], r2["carries"], **TOL)
-  assert_trees_close(s2.params, r2["params"])
-  np.testing.assert_allclose(s2.carry, r2["carry"], **TOL)
+  tol = ADAM_TOLS[dtype]
+  assert_trees_close(s1.params, r1["params"], **tol)
+  np.testing.assert_allclose(s1.carry, r1["carry"], **tol)
+  np.testing.assert_allclose(m2["loss"], r2["losses"], **tol)
+  np.testing.assert_allclose(m2["carry"], r2["carries"], **tol)
+  assert_trees_close(s2.params, r2["params"], **tol)
+  np.testing.assert_allclose(s2.carry, r2["carry"], **tol)
 
 
+@float64
 def test_reset_restarts_chosen_rows_from_zeros():
   params = make_params()
   step = tbptt(3, tx=FROZEN)
@@ -540,6 +585,7 @@ def test_reset_restarts_chosen_rows_from_zeros():
   assert not np.allclose(fresh[1], continued[1])  # the reset makes a difference
 
 
+@float64
 def test_nan_in_stream_resets_rows_and_keeps_params_finite():
   K = 3
   params = make_params()
@@ -571,6 +617,7 @@ def test_nan_in_stream_resets_rows_and_keeps_params_finite():
 # Memory-saving BPTT and dtypes.
 
 
+@float64
 def test_remat_gives_the_same_updates():
   """Memory-saving BPTT (3 segments per unroll) changes nothing but rounding."""
   params, batch = make_params(), make_batch()
@@ -581,17 +628,17 @@ def test_remat_gives_the_same_updates():
   assert_trees_close(saved.params, plain.params, rtol=1e-12, atol=1e-14)
 
 
+@float64
 def test_float32_cell_keeps_a_float32_carry():
-  """The initial carry takes the params' and inputs' dtype (float32 here, under x64)."""
+  """The initial carry takes the params' and inputs' dtype: float32 here, with x64
+  on, so that a float64 constant or cast in the step would show."""
   cell = bj.rnn(dims.H, dtype=jnp.float32)
-  params = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), make_params())
-  batch = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), make_batch())
+  params, batch = make_params(dtype=F32), make_batch(dtype=F32)
   new, m = bj.tbptt_step(cell, step_loss, SGD, k1=3, return_carries=True)(
       bj.TrainState.create(params, SGD), batch)
-  assert m["carry"].dtype == jnp.float32
-  assert new.params["cell"]["W"].dtype == jnp.float32
+  assert_dtype((new.params, new.opt_state, m["carry"], m["loss"], m["grad_norm"]), F32)
   ref = reference_tbptt(params, batch, SGD, k1=3)
-  assert_trees_close(new.params, ref["params"], rtol=1e-4, atol=1e-5)
+  assert_trees_close(new.params, ref["params"], **TOLS[F32])
 
 
 # ----------------------------------------------------------------------------
@@ -611,7 +658,7 @@ def test_bad_settings_raise(kwargs, match):
   if match is None:  # contradicting unroll settings: raised at the first trace
     step = bj.tbptt_step(CELL, step_loss, SGD, **kwargs)
     with pytest.raises(ValueError, match="hoist=True needs fused=False"):
-      step(bj.TrainState.create(make_params(), SGD), make_batch())
+      step(bj.TrainState.create(make_params(dtype=F32), SGD), make_batch(dtype=F32))
     return
   with pytest.raises(ValueError, match=match):
     bj.tbptt_step(CELL, step_loss, SGD, **kwargs)
@@ -639,20 +686,20 @@ def test_bad_optimizer_raises_type_error():
     ({"lengths": np.ones(2, np.int32)}, None, r"lengths must have shape \[B\]"),
 ])
 def test_bad_batches_raise(update, carry_rows, match):
-  state = bj.TrainState.create(make_params(), SGD)
+  state = bj.TrainState.create(make_params(dtype=F32), SGD)
   if carry_rows is not None:
-    state = state._replace(carry=jnp.zeros((carry_rows, dims.H), F64))
-  batch = dict(make_batch(), **update)
+    state = state._replace(carry=jnp.zeros((carry_rows, dims.H), F32))
+  batch = dict(make_batch(dtype=F32), **update)
   with pytest.raises(ValueError, match=match):
     tbptt(3, tx=SGD)(state, batch)
 
 
 def test_bad_step_loss_shape_and_batch_type_raise():
   bad_loss = lambda p, hs, ys: jnp.sum(step_loss(p, hs, ys), axis=1)  # noqa: E731
-  state = bj.TrainState.create(make_params(), SGD)
+  state = bj.TrainState.create(make_params(dtype=F32), SGD)
   with pytest.raises(ValueError, match=r"step_loss must return per-step losses \[B, K\]"):
-    bj.tbptt_step(CELL, bad_loss, SGD, k1=3)(state, make_batch())
-  batch = make_batch()
+    bj.tbptt_step(CELL, bad_loss, SGD, k1=3)(state, make_batch(dtype=F32))
+  batch = make_batch(dtype=F32)
   with pytest.raises(TypeError, match="batch must be a dict"):
     tbptt(3, tx=SGD)(state, (batch["xs"], batch["ys"]))
 
@@ -665,4 +712,4 @@ def test_step_function_cell_needs_a_carry():
 
   step = bj.tbptt_step(step_fn, step_loss, FROZEN, k1=3)
   with pytest.raises(ValueError, match="has no initial_carry: pass a carry"):
-    step(bj.TrainState.create(make_params(), FROZEN), make_batch())
+    step(bj.TrainState.create(make_params(dtype=F32), FROZEN), make_batch(dtype=F32))
