@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(PY) experiments/char_lm.py --demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 tests  # one worker per core
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check bptt_jax tests experiments
