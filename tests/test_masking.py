@@ -2,7 +2,8 @@
 
 For every cell and every way of running it (the fused backward pass, autodiff
 through the scan, the hoisted projection, ``remat``, a stack, ``segmented_loss``
-and ``tbptt_step``) the loss and the gradients with NaN- or Inf-padded inputs
+and ``tbptt_step``; every path for the LSTM and GRU, the defining ones for the
+others) the loss and the gradients with NaN- or Inf-padded inputs
 and targets are bit for bit those with zero padding, and the gradient at a
 padded input is exactly zero. Float32, as users run it.
 """
