@@ -6,9 +6,21 @@ exactness needs float64 (comparisons near 1e-10, finite differences,
 ``jax.enable_x64(True)``; a ``pytest.param(..., marks=pytest.mark.float64)``
 does the same for one parametrization. Arrays such a test uses must be made
 inside it (or be numpy arrays): a ``jnp`` array made at import time is float32.
+
+Test arrays are tiny, so compiling dominates: XLA's backend optimizations are
+turned down for the suite (and the experiment scripts it starts), which changes
+no result a test checks, only how long LLVM works on each kernel.
 """
 
-import jax
+import os
+
+os.environ["XLA_FLAGS"] = " ".join(filter(None, [
+    os.environ.get("XLA_FLAGS"),
+    "--xla_backend_optimization_level=0",
+    "--xla_llvm_disable_expensive_passes=true",
+]))
+
+import jax  # noqa: E402  (XLA_FLAGS must be set before JAX starts its backend)
 import pytest
 
 jax.config.update("jax_numpy_rank_promotion", "raise")

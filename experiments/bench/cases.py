@@ -52,7 +52,7 @@ IMPLS = {
 }
 DEFAULT_IMPLS = ["bptt_jax", "bptt_jax_bf16", "bptt_jax_malloc", "bptt_jax_autodiff", "flax",
                  "flax_malloc", "torch", "torch_malloc"]
-QUICK_IMPLS = ["bptt_jax", "flax", "torch"]  # one per framework: every builder runs
+QUICK_IMPLS = ["bptt_jax", "bptt_jax_bf16", "flax", "torch"]  # every builder, and a dtype= run
 MEMORY_VS_T_IMPLS = ["bptt_jax", "bptt_jax_remat", "bptt_jax_segmented", "flax", "torch"]
 TORCH_IMPLS = {name for name, impl in IMPLS.items() if impl.kind == "torch"}
 
