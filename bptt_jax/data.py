@@ -97,7 +97,7 @@ def shuffled_batches(data, batch_size: int, *, shuffle: bool = True, process_ind
   if batch_size <= 0:
     raise ValueError(f"batch_size must be positive, got {batch_size}")
   _process(process_index, process_count)
-  for size in {min(batch_size, n), n % batch_size} - {0}:
+  for size in sorted({min(batch_size, n), n % batch_size} - {0}):
     if size % process_count:
       raise ValueError(
           f"a batch of {size} of the {n} examples (batch_size={batch_size}) does not split "
