@@ -35,9 +35,14 @@ def problem(kind):
 
   import bptt_jax as bj
   cell = bj.lstm(H) if kind == "lstm" else bj.gru(H)
-  k_cell, k_head, k_data = jax.random.split(jax.random.key(0), 3)
-  params = {"cell": cell.init(k_cell, D), "head": bj.init_readout(k_head, H, 1)}
-  xs = np.asarray(jax.random.normal(k_data, (3, B, T, D)), np.float32)
+  # Params of the shapes init gives, drawn with numpy: every process starts
+  # cold, and this compiles nothing.
+  shapes = jax.eval_shape(lambda key: {"cell": cell.init(key, D),
+                                       "head": bj.init_readout(key, H, 1)}, jax.random.key(0))
+  rng = np.random.default_rng(0)
+  params = jax.tree_util.tree_map(
+      lambda s: (0.4 * rng.normal(size=s.shape)).astype(s.dtype), shapes)
+  xs = rng.normal(size=(3, B, T, D)).astype(np.float32)
   ys = np.cumsum(xs[..., :1], axis=2)
   lengths = np.array([12, 7, 12, 3, 12, 10, 1, 12], np.int32)
   return cell, params, [{"xs": xs[i], "ys": ys[i], "lengths": lengths} for i in range(3)]
@@ -162,8 +167,9 @@ def fit_problem():
   import bptt_jax as bj
   cell, params, _ = problem("lstm")
   tx, full, _, _ = steps("lstm")
-  xs = np.asarray(jax.random.normal(jax.random.key(1), (N_FIT, T, D)), np.float32)
-  lengths = np.asarray(jax.random.randint(jax.random.key(2), (N_FIT,), 1, T + 1), np.int32)
+  rng = np.random.default_rng(1)
+  xs = rng.normal(size=(N_FIT, T, D)).astype(np.float32)
+  lengths = rng.integers(1, T + 1, size=N_FIT).astype(np.int32)
   examples = {"xs": xs, "ys": np.cumsum(xs[..., :1], axis=1), "lengths": lengths}
   loss_fn = bj.model_loss(cell, step_loss)
   everything = {k: jnp.asarray(v) for k, v in examples.items()}
