@@ -96,13 +96,13 @@ def test_sharded_steps_equal_single_device(tmp_path):
     before, after = seen["full_specs"]
     assert before == after
     assert seen["loss_replicated"]
-  assert checks["lstm_replicated"]["full_specs"][0]["cell"]["W"] == "PartitionSpec()"
+  assert checks["lstm_replicated"]["full_specs"][0]["cell"]["W"] == "P()"
   # FSDP: W [3, 24] is split along its gate axis, the readout [6, 1] replicated.
-  assert checks["lstm_fsdp"]["full_specs"][0]["cell"]["W"] == "PartitionSpec(None, 'data')"
-  assert checks["lstm_fsdp"]["full_specs"][0]["head"]["W_hy"] == "PartitionSpec()"
+  assert checks["lstm_fsdp"]["full_specs"][0]["cell"]["W"] == "P(None, 'data')"
+  assert checks["lstm_fsdp"]["full_specs"][0]["head"]["W_hy"] == "P()"
   for name in ("lstm_replicated", "gru_replicated"):
     assert checks[name]["tbptt_compiles"] == 1
-    assert checks[name]["carry_specs"] == ["PartitionSpec('data',)"]  # split along B
+    assert checks[name]["carry_specs"] == ["P('data',)"]  # split along B
 
   errors = checks["errors"]
   assert errors["shard_batch"].startswith("ValueError: batch['lengths'] has 6 rows")
