@@ -27,6 +27,7 @@ of them see (a shared file system).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -70,9 +71,15 @@ def _sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+@contextlib.contextmanager
 def _checkpointer():
+  """A synchronous orbax checkpointer, closed after use."""
   import orbax.checkpoint as ocp
-  return ocp.Checkpointer(ocp.StandardCheckpointHandler())
+  checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+  try:
+    yield checkpointer, ocp.args
+  finally:
+    checkpointer.close()
 
 
 def _flatten(tree):
@@ -185,8 +192,8 @@ def save(directory: str, step: int, tree, *, keep: int = 3) -> str:
     _remove(tmp)  # left by an earlier attempt at this step
   _sync(f"bptt_jax_ckpt_begin_{step}")
   items = {_item(i): x for i, x in enumerate(_savable(leaves))}
-  import orbax.checkpoint as ocp
-  _checkpointer().save(os.path.join(tmp, _TREE), args=ocp.args.StandardSave(items))
+  with _checkpointer() as (checkpointer, args):
+    checkpointer.save(os.path.join(tmp, _TREE), args=args.StandardSave(items))
   if _primary():
     manifest = {
         "format": _FORMAT, "step": step,
@@ -318,13 +325,13 @@ def load(path: str, template):
           f"{path}: does not fit the expected structure: leaf {p} is stored as "
           f"{s['dtype']}{s['shape']} (key {s['key']}), the template has "
           f"{want['dtype']}{want['shape']} (key {want['key']})")
-  import orbax.checkpoint as ocp
   target = {_item(i): _target(x, s) for i, (x, s) in enumerate(zip(leaves, stored))}
-  try:
-    restored = _checkpointer().restore(os.path.join(path, _TREE),
-                                       args=ocp.args.StandardRestore(target))
-  except Exception as e:  # noqa: BLE001 -- whatever orbax raises on a damaged store
-    raise CheckpointError(f"{path}: could not be read back: {e}") from e
+  with _checkpointer() as (checkpointer, args):
+    try:
+      restored = checkpointer.restore(os.path.join(path, _TREE),
+                                      args=args.StandardRestore(target))
+    except Exception as e:  # noqa: BLE001 -- whatever orbax raises on a damaged store
+      raise CheckpointError(f"{path}: could not be read back: {e}") from e
   out = []
   for i, x in enumerate(leaves):
     a = restored[_item(i)]
