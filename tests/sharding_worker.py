@@ -73,8 +73,11 @@ def steps(kind):
           bj.tbptt_step(cell, step_loss, tx, k1=4, k2=k2), k2)
 
 
-def train(kind, mesh=None, *, fsdp=False, parts=("full", "tbptt")):
+def train(kind, mesh=None, *, fsdp=False, parts=("full", "tbptt"), save_to=None):
   """3 steps of full BPTT and 3 streamed TBPTT steps from the same params.
+
+  With ``save_to``, the TBPTT state after its 3 steps (its streamed carry
+  split along B) is checkpointed there, with a key.
 
   Returns:
     ``(results, checks)``: the final params (and streamed carry) of each, as
@@ -111,6 +114,8 @@ def train(kind, mesh=None, *, fsdp=False, parts=("full", "tbptt")):
       state, metrics = tbptt(state, put_batch(batch))
     results["tbptt"] = host(state.params)
     results["carry"] = host(state.carry)
+    if save_to is not None:
+      bj.save_checkpoint(save_to, 3, {"state": state, "key": jax.random.key(7)})
     if mesh is not None:
       checks["tbptt_compiles"] = tbptt._cache_size() - compiled
       checks["carry_specs"] = sorted(set(jax.tree_util.tree_leaves(spec(state.carry))))
@@ -135,7 +140,8 @@ def devices(out_dir):
   out, checks = {}, {}
   for kind, fsdp, parts in (("lstm", False, ("full", "tbptt")), ("gru", False, ("full", "tbptt")),
                             ("lstm", True, ("full",))):
-    results, seen = train(kind, mesh, fsdp=fsdp, parts=parts)
+    save_to = os.path.join(out_dir, "ckpt") if kind == "lstm" and not fsdp else None
+    results, seen = train(kind, mesh, fsdp=fsdp, parts=parts, save_to=save_to)
     name = f"{kind}_{'fsdp' if fsdp else 'replicated'}"
     out.update({f"{name}_{part}": leaves for part, leaves in results.items()})
     checks[name] = seen

@@ -8,7 +8,8 @@ with single-device runs made here, in this process:
   ``segmented_loss``) and streamed ``tbptt_step`` of an LSTM and a GRU, params
   replicated (and FSDP-split for the LSTM), give the single-device params
   after 3 steps to float32 rounding (``rtol=1e-5, atol=1e-6``: the sharded
-  program sums the gradient in another order); one compile each; layouts kept.
+  program sums the gradient in another order); one compile each; layouts
+  kept; the streamed state checkpointed there restores here on one device.
 - 2 processes on 127.0.0.1 (jax.distributed, gloo): ``fit`` equals one process
   on the same global batches (same tolerance), the log is written once; one
   process killed with SIGKILL after a checkpoint and both restarted end
@@ -103,6 +104,24 @@ def test_sharded_steps_equal_single_device(tmp_path):
   for name in ("lstm_replicated", "gru_replicated"):
     assert checks[name]["tbptt_compiles"] == 1
     assert checks[name]["carry_specs"] == ["P('data',)"]  # split along B
+
+  # The streamed LSTM state, saved from 4 devices (its StreamCarry split along
+  # B), restores here on one device bit for bit, key included.
+  cell, params, batches = w.problem("lstm")
+  tx, _, _, k2 = w.steps("lstm")
+  template = {"state": bj.TrainState.create(
+      params, tx, carry=bj.stream_carry(cell.initial_carry(w.B), batches[0]["xs"], k1=4, k2=k2)),
+      "key": jax.random.key(0)}
+  _, restored = bj.restore_latest(str(tmp_path / "ckpt"), template)
+  assert isinstance(restored["state"].carry, bj.StreamCarry)
+  with np.load(tmp_path / "results.npz") as npz:
+    for got, want in ((restored["state"].params, leaves_of(npz, "lstm_replicated_tbptt")),
+                      (restored["state"].carry, leaves_of(npz, "lstm_replicated_carry"))):
+      for a, b in zip(jax.tree_util.tree_leaves(got), want, strict=True):
+        np.testing.assert_array_equal(a, b)
+  assert int(restored["state"].step) == 3 * 3  # 3 batches of 3 chunks
+  np.testing.assert_array_equal(jax.random.key_data(restored["key"]),
+                                jax.random.key_data(jax.random.key(7)))
 
   errors = checks["errors"]
   assert errors["shard_batch"].startswith("ValueError: batch['lengths'] has 6 rows")
