@@ -1,6 +1,7 @@
 """bptt_jax: recurrent networks in JAX, trained with backpropagation through time."""
 
 from bptt_jax import data as data
+from bptt_jax import sharding as sharding
 from bptt_jax._cells import Cell as Cell
 from bptt_jax._cells import as_cell as as_cell
 from bptt_jax._cells import from_flax as from_flax
@@ -57,6 +58,7 @@ __all__ = [
     "gradient_flow", "gru", "guard", "init_readout", "irnn", "jacobian_norms", "last_step",
     "length_mask", "load_checkpoint", "lstm", "model_loss", "mse", "optimizer", "readout",
     "restore_latest", "rnn", "rnn_bptt", "rnn_value_and_grad", "save_checkpoint",
-    "segmented_loss", "sequence_loss", "sigmoid_binary_cross_entropy", "softmax_cross_entropy",
+    "segmented_loss", "sequence_loss", "sharding", "sigmoid_binary_cross_entropy",
+    "softmax_cross_entropy",
     "stack", "stream_carry", "tbptt_step", "train_step", "unroll",
 ]

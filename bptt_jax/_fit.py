@@ -71,21 +71,17 @@ def _parse(line: bytes):
   return record if isinstance(step, int) and not isinstance(step, bool) else None
 
 
-def _prepare_log(path: str, resumed_at: int | None) -> list[dict]:
-  """Readies the log at ``path`` for appending; returns the records of the run resumed.
+def _read_log(data: bytes, resumed_at: int | None):
+  """``(records of the run resumed, offset to cut the log at)`` for the log ``data``.
 
   A log holds runs appended one after another; a run is a maximal stretch of
-  records whose step increases. A last line cut short (by a crash mid-write) is
-  removed. When resuming from a checkpoint at step ``resumed_at``, the records
-  of the last run after that step (written after the checkpoint by the run that
-  was cut off) are removed too, and that run's records up to the step are
-  returned. Everything else in the file is kept as is.
+  records whose step increases. A last line cut short (by a crash mid-write)
+  is cut off. When resuming from a checkpoint at step ``resumed_at``, the
+  records of the last run after that step (written after the checkpoint by
+  the run that was cut off) are cut off too, and that run's records up to the
+  step are returned.
   """
-  if not os.path.exists(path):
-    return []
-  with open(path, "rb") as f:
-    data = f.read()
-  lines, offset = [], 0  # (offset, record or None)
+  lines, offset = [], 0  # (offset, line, record or None)
   for line in data.splitlines(keepends=True):
     lines.append((offset, line, _parse(line)))
     offset += len(line)
@@ -104,11 +100,27 @@ def _prepare_log(path: str, resumed_at: int | None) -> list[dict]:
         end = off
         break
       resumed.append(rec)
-  with open(path, "r+b") as f:
-    f.truncate(end)
-    if end and not data[:end].endswith(b"\n"):
-      f.seek(end)
-      f.write(b"\n")
+  return resumed, end
+
+
+def _prepare_log(path: str, resumed_at: int | None, *, write: bool = True) -> list[dict]:
+  """Readies the log at ``path`` for appending; returns the records of the run resumed.
+
+  The log is cut as :func:`_read_log` says; everything else in the file is
+  kept as is. With ``write=False`` (a process other than the one writing the
+  log) the file is only read.
+  """
+  if not os.path.exists(path):
+    return []
+  with open(path, "rb") as f:
+    data = f.read()
+  resumed, end = _read_log(data, resumed_at)
+  if write:
+    with open(path, "r+b") as f:
+      f.truncate(end)
+      if end and not data[:end].endswith(b"\n"):
+        f.seek(end)
+        f.write(b"\n")
   return resumed
 
 
@@ -177,6 +189,9 @@ def fit(step_fn: Callable, state, batches, *, epochs: int, key=None,
       old run. A resumed run ends bit-identical to an uninterrupted one.
     max_nonfinite: stop after this many consecutive non-finite updates.
     progress: show a tqdm bar; by default only when stderr is a terminal.
+      With several processes (``jax.distributed``) only process 0 shows it
+      and writes the log; every process runs the steps, evaluates (on the
+      global params) and takes part in each checkpoint.
     desc: progress-bar label.
 
   Returns:
@@ -209,8 +224,10 @@ def fit(step_fn: Callable, state, batches, *, epochs: int, key=None,
     raise ValueError(f"resume must be None, 'auto', True or False, got {resume!r}")
   _check_batches(batches, epochs)
   key = jax.random.key(0) if key is None else key
+  primary = jax.process_index() == 0  # the one process that writes the log and the bar
   if progress is None:
     progress = sys.stderr.isatty()
+  progress = progress and primary
 
   epoch, position, step = 0, 0, 0
   restored = None
@@ -242,8 +259,9 @@ def fit(step_fn: Callable, state, batches, *, epochs: int, key=None,
 
   history = []
   if log_path is not None:
-    os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
-    history = _prepare_log(log_path, step if restored is not None else None)
+    if primary:
+      os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
+    history = _prepare_log(log_path, step if restored is not None else None, write=primary)
   pending: list[_Pending] = []  # steps whose metrics are still on the device
 
   def fetch(evaluate):
@@ -300,7 +318,7 @@ def fit(step_fn: Callable, state, batches, *, epochs: int, key=None,
     if ckpt_due:
       checkpoint()
 
-  log = open(log_path, "a") if log_path is not None else None
+  log = open(log_path, "a") if log_path is not None and primary else None
   bar = tqdm(desc=desc, disable=not progress, initial=step, dynamic_ncols=True)
   try:
     while epoch < epochs:

@@ -60,12 +60,32 @@ def pad_sequences(seqs: Sequence[Sequence[int]], *, max_len: int | None = None,
   return out, np.minimum(lengths, T)
 
 
-def shuffled_batches(data, batch_size: int, *, shuffle: bool = True):
+def _process(process_index: int, process_count: int) -> None:
+  if not isinstance(process_count, (int, np.integer)) or process_count <= 0:
+    raise ValueError(f"process_count must be a positive int, got {process_count!r}")
+  if not isinstance(process_index, (int, np.integer)) or not 0 <= process_index < process_count:
+    raise ValueError(f"process_index must lie in [0, {process_count}), got {process_index!r}")
+
+
+def shuffled_batches(data, batch_size: int, *, shuffle: bool = True, process_index: int = 0,
+                     process_count: int = 1):
   """``batches(epoch, key)`` for :func:`bptt_jax.fit` over a PyTree of arrays.
 
   Each leaf has the examples on its first axis. Every example is used once per
   epoch; the last batch is smaller when ``batch_size`` does not divide ``N``
   (one more compile for that shape, nothing dropped).
+
+  With several processes, ``batch_size`` is the global batch size ``B`` and
+  each process gets only its rows of every global batch: the order comes from
+  the key alone (the same in every process), and process ``p`` of ``P`` takes
+  the ``p``-th contiguous block of each batch's rows, the block its devices
+  hold (:func:`bptt_jax.sharding.process_rows`); join them with
+  :func:`bptt_jax.sharding.global_batches`.
+
+  Raises:
+    ValueError: no arrays, leaves with different numbers of examples, a
+      non-positive ``batch_size``, a process index outside ``[0, P)``, or a
+      batch (the last one included) whose size does not divide by ``P``.
   """
   leaves = jax.tree_util.tree_leaves(data)
   if not leaves:
@@ -76,18 +96,28 @@ def shuffled_batches(data, batch_size: int, *, shuffle: bool = True):
         f"all arrays need the same number of examples, got {[l.shape[0] for l in leaves]}")
   if batch_size <= 0:
     raise ValueError(f"batch_size must be positive, got {batch_size}")
+  _process(process_index, process_count)
+  for size in sorted({min(batch_size, n), n % batch_size} - {0}):
+    if size % process_count:
+      raise ValueError(
+          f"a batch of {size} of the {n} examples (batch_size={batch_size}) does not split "
+          f"evenly over {process_count} processes; choose batch_size and the number of "
+          "examples divisible by the number of processes")
 
   def batches(epoch, key):
     del epoch
     order = np.asarray(jax.random.permutation(key, n)) if shuffle else np.arange(n)
     for start in range(0, n, batch_size):
       idx = order[start:start + batch_size]
+      share = len(idx) // process_count
+      idx = idx[process_index * share:(process_index + 1) * share]
       yield jax.tree_util.tree_map(lambda a, idx=idx: a[idx], data)
 
   return batches
 
 
-def stream_batches(tokens, batch_size: int, seq_len: int):
+def stream_batches(tokens, batch_size: int, seq_len: int, *, process_index: int = 0,
+                   process_count: int = 1):
   """Next-token batches over ``batch_size`` parallel streams of one long sequence.
 
   The sequence is cut into ``B`` contiguous streams (as char-rnn and Keras
@@ -96,15 +126,24 @@ def stream_batches(tokens, batch_size: int, seq_len: int):
   may be shorter and the last batch partial: those steps are masked, nothing
   is dropped.
 
+  With several processes, ``batch_size`` is the global number of streams
+  ``B`` and process ``p`` of ``P`` gets the ``p``-th contiguous block of
+  ``B / P`` streams.
+
   Returns:
     A list of dicts ``{"xs": [B, L], "ys": [B, L], "mask": [B, L]}`` (inputs
-    and next-token targets).
+    and next-token targets; ``[B / P, L]`` with several processes).
   """
   tokens = np.asarray(tokens)
   if tokens.ndim != 1 or len(tokens) < 2:
     raise ValueError(f"tokens must be 1-D with at least 2 items, got shape {tokens.shape}")
   if batch_size <= 0 or seq_len <= 0:
     raise ValueError(f"batch_size and seq_len must be positive, got {batch_size}, {seq_len}")
+  _process(process_index, process_count)
+  if batch_size % process_count:
+    raise ValueError(
+        f"{batch_size} streams do not split evenly over {process_count} processes; choose "
+        f"batch_size divisible by {process_count}")
   pairs = len(tokens) - 1
   per_stream = -(-pairs // batch_size)
   n_batches = -(-per_stream // seq_len)
@@ -116,6 +155,9 @@ def stream_batches(tokens, batch_size: int, seq_len: int):
     lo, hi = b * per_stream, min((b + 1) * per_stream, pairs)
     n = max(hi - lo, 0)
     xs[b, :n], ys[b, :n], mask[b, :n] = tokens[lo:hi], tokens[lo + 1:hi + 1], True
+  share = batch_size // process_count
+  rows = slice(process_index * share, (process_index + 1) * share)
+  xs, ys, mask = xs[rows], ys[rows], mask[rows]
   return [
       {"xs": xs[:, s:s + seq_len], "ys": ys[:, s:s + seq_len], "mask": mask[:, s:s + seq_len]}
       for s in range(0, width, seq_len)

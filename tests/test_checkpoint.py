@@ -34,10 +34,18 @@ def steps_in(directory):
   return [s for s, _ in _checkpoint.list_checkpoints(str(directory))]
 
 
+def data_files(path):
+  """The files orbax wrote in the checkpoint at ``path``, largest first."""
+  files = [os.path.join(base, n) for base, _, names in os.walk(os.path.join(path, "tree"))
+           for n in names]
+  return sorted(files, key=lambda f: (-os.path.getsize(f), f))
+
+
 def corrupt(path):
-  """Cuts the file at ``path`` in half."""
-  data = open(path, "rb").read()
-  open(path, "wb").write(data[: len(data) // 2])
+  """Cuts the largest file of the checkpoint at ``path`` in half."""
+  target = data_files(path)[0]
+  data = open(target, "rb").read()
+  open(target, "wb").write(data[: len(data) // 2])
 
 
 @functools.lru_cache(maxsize=None)
@@ -63,7 +71,7 @@ def test_checkpoint_round_trip_is_bit_identical(tmp_path):
   state = adam_state()
   tree = {"state": state, "epoch": 3, "key": jax.random.key_data(jax.random.key(5))}
   path = bj.save_checkpoint(str(tmp_path), 12, tree)
-  assert os.path.basename(path) == "ckpt_000000012.msgpack"
+  assert os.path.basename(path) == "ckpt_000000012"
   template = {"state": bj.TrainState.create(
       jax.tree_util.tree_map(np.zeros_like, state.params), bj.optimizer(1e-2, max_norm=1.0),
       carry=bj.LSTMState(np.zeros((2, 3), F32), np.zeros((2, 3), F32))),
@@ -75,7 +83,7 @@ def test_checkpoint_round_trip_is_bit_identical(tmp_path):
   assert loaded["state"].params["cell"]["U"].dtype == np.float16
   assert_trees_equal(jax.tree_util.tree_map(np.asarray, loaded["state"]), state)
   np.testing.assert_array_equal(loaded["key"], tree["key"])
-  assert os.listdir(tmp_path) == ["ckpt_000000012.msgpack"]  # no temporary file left
+  assert os.listdir(tmp_path) == ["ckpt_000000012"]  # no temporary file left
 
 
 def test_typed_keys_round_trip(tmp_path):
@@ -102,34 +110,46 @@ def test_typed_keys_round_trip(tmp_path):
     bj.load_checkpoint(path, {**template, "key": jax.random.key(0, impl="rbg")})
 
 
-@pytest.mark.parametrize("cut, match", [
-    (0.5, "checksum mismatch .* cut short or altered"),
-    (-1, "checksum mismatch .* cut short or altered"),
-    (10, "not a bptt_jax checkpoint"),
-    (0, "not a bptt_jax checkpoint"),
+@pytest.mark.parametrize("which, cut, match", [
+    ("data", 0.5, "checksum mismatch .* cut short or altered"),
+    ("data", -1, "checksum mismatch .* cut short or altered"),
+    ("data", 0, "checksum mismatch .* cut short or altered"),
+    ("manifest", 0.5, "not a bptt_jax checkpoint"),
+    ("manifest", 0, "not a bptt_jax checkpoint"),
 ])
-def test_file_cut_short_raises_checkpoint_error(tmp_path, cut, match):
+def test_file_cut_short_raises_checkpoint_error(tmp_path, which, cut, match):
   state = adam_state()
   path = bj.save_checkpoint(str(tmp_path), 1, state)
-  data = open(path, "rb").read()
+  target = data_files(path)[0] if which == "data" else os.path.join(path, "manifest.json")
+  data = open(target, "rb").read()
   n = int(len(data) * cut) if isinstance(cut, float) else (len(data) + cut if cut < 0 else cut)
-  with open(path, "wb") as f:
+  with open(target, "wb") as f:
     f.write(data[:n])
   with pytest.raises(bj.CheckpointError, match=match):
     bj.load_checkpoint(path, state)
 
 
-def test_altered_or_foreign_checkpoint_raises(tmp_path):
+def test_altered_missing_or_foreign_checkpoint_raises(tmp_path):
   state = adam_state()
   path = bj.save_checkpoint(str(tmp_path), 1, state)
-  data = bytearray(open(path, "rb").read())
+  target = data_files(path)[0]
+  data = bytearray(open(target, "rb").read())
   data[-5] ^= 0xFF
-  altered = str(tmp_path / "altered.msgpack")
-  open(altered, "wb").write(bytes(data))
+  open(target, "wb").write(bytes(data))
   with pytest.raises(bj.CheckpointError, match="checksum mismatch"):
-    bj.load_checkpoint(altered, state)
+    bj.load_checkpoint(path, state)
+  other = bj.save_checkpoint(str(tmp_path), 2, state)
+  os.remove(data_files(other)[-1])
+  with pytest.raises(bj.CheckpointError, match="is missing"):
+    bj.load_checkpoint(other, state)
+  good = bj.save_checkpoint(str(tmp_path), 3, state)
   with pytest.raises(bj.CheckpointError, match="does not fit the expected structure"):
-    bj.load_checkpoint(path, {"something": np.zeros(3, F32), "else": 1})
+    bj.load_checkpoint(good, {"something": np.zeros(3, F32), "else": 1})
+  wrong_dtype = state._replace(params={**state.params, "step_size": np.float16(0.1)})
+  with pytest.raises(bj.CheckpointError, match=r"leaf .*step_size.* float32\[\].*float16"):
+    bj.load_checkpoint(good, wrong_dtype)
+  with pytest.raises(bj.CheckpointError, match="not a bptt_jax checkpoint"):
+    bj.load_checkpoint(str(tmp_path / "nothing"), state)
   assert issubclass(bj.CheckpointError, ValueError)
 
 
@@ -137,7 +157,7 @@ def test_restore_latest_skips_a_corrupt_newest(tmp_path):
   d = str(tmp_path)
   for step in (10, 20, 30):
     bj.save_checkpoint(d, step, {"w": np.full(3, step, F32)})
-  corrupt(os.path.join(d, "ckpt_000000030.msgpack"))
+  corrupt(os.path.join(d, "ckpt_000000030"))
   with pytest.warns(RuntimeWarning, match="skipping unreadable checkpoint: .*ckpt_000000030"):
     step, tree = bj.restore_latest(d, {"w": np.zeros(3, F32)})
   assert step == 20
@@ -154,7 +174,7 @@ def test_keep_deletes_old_checkpoints(tmp_path):
   d = str(tmp_path)
   for step in range(1, 6):
     bj.save_checkpoint(d, step, {"w": np.full(2, step, F32)}, keep=2)
-  assert sorted(os.listdir(d)) == ["ckpt_000000004.msgpack", "ckpt_000000005.msgpack"]
+  assert sorted(os.listdir(d)) == ["ckpt_000000004", "ckpt_000000005"]
   with pytest.raises(ValueError, match="keep must be >= 1"):
     bj.save_checkpoint(d, 6, {"w": np.zeros(2, F32)}, keep=0)
 
@@ -166,7 +186,7 @@ def test_save_never_deletes_what_it_wrote_and_drops_later_steps(tmp_path, keep, 
   d = str(tmp_path)
   for step in (1, 2, 3, 9):
     bj.save_checkpoint(d, step, {"w": np.full(2, step, F32)}, keep=10)
-  corrupt(os.path.join(d, "ckpt_000000009.msgpack"))
+  corrupt(os.path.join(d, "ckpt_000000009"))
   path = bj.save_checkpoint(d, 5, {"w": np.full(2, 5.0, F32)}, keep=keep)
   assert steps_in(d) == left
   np.testing.assert_array_equal(bj.load_checkpoint(path, {"w": np.zeros(2, F32)})["w"],
@@ -185,7 +205,7 @@ def test_save_removes_orphaned_temporary_files(tmp_path):
   (d / ".tmp_ckpt_xyz").write_bytes(b"")
   (d / "notes.txt").write_text("kept")
   bj.save_checkpoint(str(d), 2, {"w": np.ones(2, F32)})
-  assert sorted(os.listdir(d)) == ["ckpt_000000001.msgpack", "ckpt_000000002.msgpack",
+  assert sorted(os.listdir(d)) == ["ckpt_000000001", "ckpt_000000002",
                                    "notes.txt"]
 
 
