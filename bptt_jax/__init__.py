@@ -3,7 +3,6 @@
 from bptt_jax import data as data
 from bptt_jax._cells import Cell as Cell
 from bptt_jax._cells import as_cell as as_cell
-from bptt_jax._cells import from_flax as from_flax
 from bptt_jax._cells import gru as gru
 from bptt_jax._cells import irnn as irnn
 from bptt_jax._cells import lstm as lstm
@@ -18,6 +17,11 @@ from bptt_jax._common import compute_dtype as compute_dtype
 from bptt_jax._common import length_mask as length_mask
 from bptt_jax._fit import NonFiniteError as NonFiniteError
 from bptt_jax._fit import fit as fit
+from bptt_jax._flax import NNXRNN as NNXRNN
+from bptt_jax._flax import LinenRNN as LinenRNN
+from bptt_jax._flax import from_flax as from_flax
+from bptt_jax._flax import from_flax_weights as from_flax_weights
+from bptt_jax._flax import to_flax_weights as to_flax_weights
 from bptt_jax._gradients import RNNGrads as RNNGrads
 from bptt_jax._gradients import gradient_flow as gradient_flow
 from bptt_jax._gradients import jacobian_norms as jacobian_norms
