@@ -27,6 +27,7 @@ from bptt_jax._gradients import gradient_flow as gradient_flow
 from bptt_jax._gradients import jacobian_norms as jacobian_norms
 from bptt_jax._gradients import rnn_bptt as rnn_bptt
 from bptt_jax._gradients import rnn_value_and_grad as rnn_value_and_grad
+from bptt_jax._keras import from_keras as from_keras
 from bptt_jax._losses import final_loss as final_loss
 from bptt_jax._losses import init_readout as init_readout
 from bptt_jax._losses import last_step as last_step
@@ -40,6 +41,7 @@ from bptt_jax._model import as_model as as_model
 from bptt_jax._model import cell_model as cell_model
 from bptt_jax._model import model_loss as model_loss
 from bptt_jax._model import segmented_loss as segmented_loss
+from bptt_jax._torch import from_torch as from_torch
 from bptt_jax._training import TrainState as TrainState
 from bptt_jax._training import apply_gradients as apply_gradients
 from bptt_jax._training import guard as guard
@@ -49,6 +51,7 @@ from bptt_jax._truncated import StreamCarry as StreamCarry
 from bptt_jax._truncated import stream_carry as stream_carry
 from bptt_jax._truncated import tbptt_step as tbptt_step
 from bptt_jax._unroll import bidirectional as bidirectional
+from bptt_jax._unroll import bidirectional_stack as bidirectional_stack
 from bptt_jax._unroll import default_hoist as default_hoist
 from bptt_jax._unroll import unroll as unroll
 
