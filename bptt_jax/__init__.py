@@ -58,12 +58,13 @@ from bptt_jax._unroll import unroll as unroll
 __version__ = "0.1.0"
 
 __all__ = [
-    "Cell", "CheckpointError", "LSTMState", "Model", "NonFiniteError", "RNNGrads",
-    "StreamCarry", "TrainState", "apply_gradients", "as_cell", "as_model", "bidirectional",
-    "cell_model", "compute_dtype", "data", "default_hoist", "final_loss", "fit", "from_flax",
-    "gradient_flow", "gru", "guard", "init_readout", "irnn", "jacobian_norms", "last_step",
-    "length_mask", "load_checkpoint", "lstm", "model_loss", "mse", "optimizer", "readout",
-    "restore_latest", "rnn", "rnn_bptt", "rnn_value_and_grad", "save_checkpoint",
+    "Cell", "CheckpointError", "LSTMState", "LinenRNN", "Model", "NNXRNN", "NonFiniteError",
+    "RNNGrads", "StreamCarry", "TrainState", "apply_gradients", "as_cell", "as_model",
+    "bidirectional", "bidirectional_stack", "cell_model", "compute_dtype", "data",
+    "default_hoist", "final_loss", "fit", "from_flax", "from_flax_weights", "from_keras",
+    "from_torch", "gradient_flow", "gru", "guard", "init_readout", "irnn", "jacobian_norms",
+    "last_step", "length_mask", "load_checkpoint", "lstm", "model_loss", "mse", "optimizer",
+    "readout", "restore_latest", "rnn", "rnn_bptt", "rnn_value_and_grad", "save_checkpoint",
     "segmented_loss", "sequence_loss", "sigmoid_binary_cross_entropy", "softmax_cross_entropy",
-    "stack", "stream_carry", "tbptt_step", "train_step", "unroll",
+    "stack", "stream_carry", "tbptt_step", "to_flax_weights", "train_step", "unroll",
 ]
