@@ -19,8 +19,10 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 B, T, D, H = 3, 6, 2, 4
 LENGTHS = np.array([6, 4, 1])
 VALID = np.arange(T)[None, :] < LENGTHS[:, None]
-LINEN = [nn.LSTMCell, nn.GRUCell, nn.SimpleCell]  # OptimizedLSTMCell: LSTMCell's params
-NNX = [nnx.LSTMCell, nnx.OptimizedLSTMCell, nnx.GRUCell]  # SimpleCell: test_bptt_weights_...
+# Against Flax's outputs and gradients; the other layouts are checked the other way round
+# (test_bptt_weights_run_in_flax: Flax's forward on our weights) and by the round trip.
+LINEN = [nn.LSTMCell, nn.GRUCell]  # OptimizedLSTMCell has LSTMCell's params
+NNX = [nnx.OptimizedLSTMCell, nnx.GRUCell]
 
 
 def _data(seed=1):
@@ -87,7 +89,7 @@ def test_linen_weights_match_linen_rnn(make):
 
 @pytest.mark.parametrize("make", NNX, ids=lambda m: m.__name__)
 def test_nnx_cells_match_nnx_rnn(make):
-  """from_flax_weights (bptt_jax's cell), and for the LSTM from_flax (NNX's own step)."""
+  """from_flax_weights (bptt_jax's cell); for the LSTM also from_flax (NNX's own step)."""
   xs, cot = _data()
   zeros = nnx.initializers.zeros  # quick to build: every weight is set just below
   module = make(D, H, kernel_init=zeros, recurrent_kernel_init=zeros, rngs=nnx.Rngs(0))
@@ -115,7 +117,7 @@ def test_nnx_cells_match_nnx_rnn(make):
     carry, hs = bj.unroll(wrapped_cell, p, xs, lengths=LENGTHS)
     return jnp.sum(hs * cot), (carry, hs)
 
-  for f in (converted, wrapped) if make is nnx.LSTMCell else (converted,):
+  for f in (converted, wrapped) if make is nnx.OptimizedLSTMCell else (converted,):
     (_, run), (dp, dx) = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(state, xs)
     _assert_same_run(run, f_run)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOL), nnx.to_pure_dict(dp), f_dp)
@@ -169,21 +171,24 @@ def test_to_flax_weights_inverts_from_flax_weights():
 
 @pytest.mark.parametrize("kind", ["linen", "nnx"])
 def test_bptt_weights_run_in_flax(kind):
-  """Flax's own RNN on our params (to_flax_weights) gives our outputs: a GRU with b_hn in
-  linen, a ReLU RNN in NNX."""
+  """Flax's own RNN on our params (to_flax_weights) gives our outputs: a ReLU RNN in linen's
+  SimpleCell, an LSTM in NNX's LSTMCell."""
   xs, _ = _data()
-  cell = bj.gru(H) if kind == "linen" else bj.rnn(H, "relu")
+  cell = bj.rnn(H, "relu") if kind == "linen" else bj.lstm(H)
   params = _random(_abstract_init(cell), seed=7)
   if kind == "linen":
-    module = nn.GRUCell(features=H)
+    module = nn.SimpleCell(features=H, activation_fn=jax.nn.relu)
     flax_params = bj.to_flax_weights(cell, params, module)
     theirs = nn.RNN(module, return_carry=True).apply(
         {"params": {"cell": flax_params}}, xs, seq_lengths=LENGTHS)
   else:
-    module = nnx.SimpleCell(D, H, activation_fn=jax.nn.relu, rngs=nnx.Rngs(0))
+    zeros = nnx.initializers.zeros
+    module = nnx.LSTMCell(D, H, kernel_init=zeros, recurrent_kernel_init=zeros,
+                          rngs=nnx.Rngs(0))
     nnx.update(module, bj.to_flax_weights(cell, params, module))
     theirs = nnx.RNN(module, return_carry=True)(xs, seq_lengths=LENGTHS)
-  _assert_same_run(bj.unroll(cell, params, xs, lengths=LENGTHS), theirs)
+  _assert_same_run(jax.jit(bj.unroll, static_argnums=0)(cell, params, xs, lengths=LENGTHS),
+                   theirs)
 
 
 # ----------------------------------------------------------------------------
