@@ -236,9 +236,13 @@ def test_linen_rnn_in_a_flax_model_matches_flax_lstm():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOL), grads, f_grads)
 
 
+def _layers():  # identity recurrent init: quick to build (every weight is set in the test)
+  return bj.stack(bj.gru(H, recurrent_init="identity"), bj.lstm(H, recurrent_init="identity"))
+
+
 class _OursNNX(nnx.Module):
   def __init__(self, rngs):
-    self.rnn = bj.NNXRNN(bj.stack(bj.gru(H), bj.lstm(H)), D, rngs=rngs)
+    self.rnn = bj.NNXRNN(_layers(), D, rngs=rngs)
     self.head = nnx.Linear(H, 1, rngs=rngs)
 
   def __call__(self, xs, lengths):
@@ -254,7 +258,7 @@ def test_nnx_rnn_trains_with_nnx_optimizer_as_optax_on_the_pure_function():
   model = _OursNNX(nnx.Rngs(0))
   nnx.update(model, _random(nnx.state(model, nnx.Param)))
   pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  layers = bj.stack(bj.gru(H), bj.lstm(H))
+  layers = _layers()
   tx = optax.adam(1e-2)
 
   def pure_loss(p):
@@ -290,19 +294,21 @@ def test_nnx_rnn_trains_with_nnx_optimizer_as_optax_on_the_pure_function():
 
 
 def test_errors():
-  gru_params = bj.gru(H).init(jax.random.key(0), D)
+  zeros = nnx.initializers.zeros  # quick to build
+  gru_params = _random(_abstract_init(bj.gru(H)))
   gru_params["b_hn"] = jnp.full((H,), 0.25)
   with pytest.raises(ValueError, match=r"NNX's GRUCell has no b_hn.*max \|b_hn\| = 0.25"):
-    bj.to_flax_weights(bj.gru(H), gru_params, nnx.GRUCell(D, H, rngs=nnx.Rngs(0)))
+    bj.to_flax_weights(bj.gru(H), gru_params, nnx.GRUCell(
+        D, H, kernel_init=zeros, recurrent_kernel_init=zeros, rngs=nnx.Rngs(0)))
   with pytest.raises(ValueError, match="'lstm' does not match linen GRUCell"):
-    bj.to_flax_weights(bj.lstm(H), bj.lstm(H).init(jax.random.key(0), D),
-                       nn.GRUCell(features=H))
+    bj.to_flax_weights(bj.lstm(H), _random(_abstract_init(bj.lstm(H))), nn.GRUCell(features=H))
   with pytest.raises(ValueError, match="'gru_ln' has no Flax equivalent"):
     bj.to_flax_weights(bj.gru(H, layer_norm=True), {}, nn.GRUCell(features=H))
   with pytest.raises(ValueError, match="residual=True.*no bptt_jax equivalent"):
     bj.from_flax_weights(nn.SimpleCell(features=H, residual=True), {})
   with pytest.raises(ValueError, match="gate_fn='hard_sigmoid' has no bptt_jax equivalent"):
-    bj.from_flax_weights(nnx.LSTMCell(D, H, gate_fn=jax.nn.hard_sigmoid, rngs=nnx.Rngs(0)))
+    bj.from_flax_weights(nnx.LSTMCell(D, H, gate_fn=jax.nn.hard_sigmoid, kernel_init=zeros,
+                                      recurrent_kernel_init=zeros, rngs=nnx.Rngs(0)))
   with pytest.raises(ValueError, match="linen MGUCell has no built-in bptt_jax equivalent"):
     bj.from_flax_weights(nn.MGUCell(features=H), {})
   with pytest.raises(ValueError, match="a linen cell holds no weights"):
@@ -312,6 +318,6 @@ def test_errors():
   with pytest.raises(TypeError, match="expected a Flax recurrent cell .* got Dense"):
     bj.from_flax(nn.Dense(3))
   with pytest.raises(ValueError, match=r"takes the unroll settings .* got \['lengths'\]"):
-    bj.NNXRNN(bj.lstm(H), D, rngs=nnx.Rngs(0), lengths=LENGTHS)
+    bj.NNXRNN(bj.lstm(H, recurrent_init="identity"), D, rngs=nnx.Rngs(0), lengths=LENGTHS)
   with pytest.raises(ValueError, match="in_features must be a positive int, got 0"):
     bj.NNXRNN(bj.lstm(H), 0, rngs=nnx.Rngs(0))
