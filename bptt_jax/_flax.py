@@ -357,6 +357,10 @@ def to_flax_weights(cell: Cell, params, module):
     raise ValueError(
         f"bptt_jax {cell.name!r} does not match {name}"
         + (f" with activation {m_act!r}" if m_act else ""))
+  keys = {"W", "U", "b"} | ({"b_hn"} if family == "gru" else set())
+  if not hasattr(params, "keys") or set(params.keys()) != keys:
+    got = sorted(params.keys()) if hasattr(params, "keys") else type(params).__name__
+    raise ValueError(f"{cell.name} params must have the keys {sorted(keys)}, got {got}")
   params = {k: jnp.asarray(v) for k, v in params.items()}
   _check_shapes(params, H, family, f"{cell.name} params for {name}")
   if kind == "nnx" and params["W"].shape[0] != module.in_features:

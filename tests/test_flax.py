@@ -302,6 +302,9 @@ def test_errors():
         D, H, kernel_init=zeros, recurrent_kernel_init=zeros, rngs=nnx.Rngs(0)))
   with pytest.raises(ValueError, match="'lstm' does not match linen GRUCell"):
     bj.to_flax_weights(bj.lstm(H), _random(_abstract_init(bj.lstm(H))), nn.GRUCell(features=H))
+  with pytest.raises(ValueError, match=r"gru params must have the keys \['U', 'W', 'b', "
+                                       r"'b_hn'\], got \['U', 'W', 'b'\]"):
+    bj.to_flax_weights(bj.gru(H), {k: gru_params[k] for k in "WUb"}, nn.GRUCell(features=H))
   with pytest.raises(ValueError, match="'gru_ln' has no Flax equivalent"):
     bj.to_flax_weights(bj.gru(H, layer_norm=True), {}, nn.GRUCell(features=H))
   with pytest.raises(ValueError, match="residual=True.*no bptt_jax equivalent"):
