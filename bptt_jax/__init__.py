@@ -4,7 +4,6 @@ from bptt_jax import data as data
 from bptt_jax import sharding as sharding
 from bptt_jax._cells import Cell as Cell
 from bptt_jax._cells import as_cell as as_cell
-from bptt_jax._cells import from_flax as from_flax
 from bptt_jax._cells import gru as gru
 from bptt_jax._cells import irnn as irnn
 from bptt_jax._cells import lstm as lstm
@@ -19,11 +18,17 @@ from bptt_jax._common import compute_dtype as compute_dtype
 from bptt_jax._common import length_mask as length_mask
 from bptt_jax._fit import NonFiniteError as NonFiniteError
 from bptt_jax._fit import fit as fit
+from bptt_jax._flax import NNXRNN as NNXRNN
+from bptt_jax._flax import LinenRNN as LinenRNN
+from bptt_jax._flax import from_flax as from_flax
+from bptt_jax._flax import from_flax_weights as from_flax_weights
+from bptt_jax._flax import to_flax_weights as to_flax_weights
 from bptt_jax._gradients import RNNGrads as RNNGrads
 from bptt_jax._gradients import gradient_flow as gradient_flow
 from bptt_jax._gradients import jacobian_norms as jacobian_norms
 from bptt_jax._gradients import rnn_bptt as rnn_bptt
 from bptt_jax._gradients import rnn_value_and_grad as rnn_value_and_grad
+from bptt_jax._keras import from_keras as from_keras
 from bptt_jax._losses import final_loss as final_loss
 from bptt_jax._losses import init_readout as init_readout
 from bptt_jax._losses import last_step as last_step
@@ -37,6 +42,7 @@ from bptt_jax._model import as_model as as_model
 from bptt_jax._model import cell_model as cell_model
 from bptt_jax._model import model_loss as model_loss
 from bptt_jax._model import segmented_loss as segmented_loss
+from bptt_jax._torch import from_torch as from_torch
 from bptt_jax._training import TrainState as TrainState
 from bptt_jax._training import apply_gradients as apply_gradients
 from bptt_jax._training import guard as guard
@@ -46,19 +52,21 @@ from bptt_jax._truncated import StreamCarry as StreamCarry
 from bptt_jax._truncated import stream_carry as stream_carry
 from bptt_jax._truncated import tbptt_step as tbptt_step
 from bptt_jax._unroll import bidirectional as bidirectional
+from bptt_jax._unroll import bidirectional_stack as bidirectional_stack
 from bptt_jax._unroll import default_hoist as default_hoist
 from bptt_jax._unroll import unroll as unroll
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Cell", "CheckpointError", "LSTMState", "Model", "NonFiniteError", "RNNGrads",
-    "StreamCarry", "TrainState", "apply_gradients", "as_cell", "as_model", "bidirectional",
-    "cell_model", "compute_dtype", "data", "default_hoist", "final_loss", "fit", "from_flax",
-    "gradient_flow", "gru", "guard", "init_readout", "irnn", "jacobian_norms", "last_step",
-    "length_mask", "load_checkpoint", "lstm", "model_loss", "mse", "optimizer", "readout",
-    "restore_latest", "rnn", "rnn_bptt", "rnn_value_and_grad", "save_checkpoint",
+    "Cell", "CheckpointError", "LSTMState", "LinenRNN", "Model", "NNXRNN", "NonFiniteError",
+    "RNNGrads", "StreamCarry", "TrainState", "apply_gradients", "as_cell", "as_model",
+    "bidirectional", "bidirectional_stack", "cell_model", "compute_dtype", "data",
+    "default_hoist", "final_loss", "fit", "from_flax", "from_flax_weights", "from_keras",
+    "from_torch", "gradient_flow", "gru", "guard", "init_readout", "irnn", "jacobian_norms",
+    "last_step", "length_mask", "load_checkpoint", "lstm", "model_loss", "mse", "optimizer",
+    "readout", "restore_latest", "rnn", "rnn_bptt", "rnn_value_and_grad", "save_checkpoint",
     "segmented_loss", "sequence_loss", "sharding", "sigmoid_binary_cross_entropy",
-    "softmax_cross_entropy",
-    "stack", "stream_carry", "tbptt_step", "train_step", "unroll",
+    "softmax_cross_entropy", "stack", "stream_carry", "tbptt_step", "to_flax_weights",
+    "train_step", "unroll",
 ]

@@ -296,3 +296,44 @@ def bidirectional(forward_cell, backward_cell, params, xs, *, lengths=None,
   b_carry, b_hs = unroll(backward_cell, params[1], xs, lengths=lengths,
                          carry=bc, reverse=True, **kwargs)
   return (f_carry, b_carry), jnp.concatenate([f_hs, b_hs], axis=-1)
+
+
+def bidirectional_stack(layers, params, xs, *, lengths=None, carry=None, **kwargs):
+  """Stacked bidirectional layers, as PyTorch's ``bidirectional=True`` with ``num_layers > 1``.
+
+  Layer ``l`` runs its forward cell and its backward cell (from each
+  sequence's own end) over its input with :func:`bidirectional`; their
+  outputs, concatenated, are the input of layer ``l + 1``.
+
+  Args:
+    layers: a sequence of ``(forward_cell, backward_cell)`` pairs, bottom first.
+    params: a matching sequence of ``(forward_params, backward_params)``.
+    xs: ``[B, T, D]``.
+    lengths: optional ``[B]``.
+    carry: optional sequence of ``(forward_carry, backward_carry)`` per layer.
+    **kwargs: passed to :func:`unroll`.
+
+  Returns:
+    ``(carries, hs)``: a tuple of ``(forward_carry, backward_carry)`` per layer
+    and the top layer's ``hs`` ``[B, T, H_f + H_b]``.
+
+  Raises:
+    ValueError: ``params`` (or ``carry``) of another length than ``layers``, or
+      a layer that is not a pair.
+  """
+  layers = tuple(layers)
+  for what, seq in (("params", params), ("carry", carry)):
+    if seq is not None and len(seq) != len(layers):
+      raise ValueError(
+          f"bidirectional_stack: {what} must hold one entry per layer ({len(layers)}), "
+          f"got {len(seq)}")
+  carries = []
+  for l, pair in enumerate(layers):
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+      raise ValueError(
+          f"bidirectional_stack: layer {l} must be a (forward_cell, backward_cell) pair, "
+          f"got {type(pair).__name__}")
+    c, xs = bidirectional(*pair, params[l], xs, lengths=lengths,
+                          carry=None if carry is None else carry[l], **kwargs)
+    carries.append(c)
+  return tuple(carries), xs

@@ -177,6 +177,16 @@ def check_benchmark(figures, settings):
   assert bf16_loss != f32_loss  # the recurrence really ran in bfloat16
 
 
+def check_flax_interop(figures, settings):
+  ours, theirs = figures["bptt_jax"], figures["flax"]
+  # The same starting weights (converted from Flax's init) and the same batches.
+  assert ours["curve"][0][1] == pytest.approx(theirs["curve"][0][1], rel=1e-6)
+  assert [s for s, _ in ours["curve"]] == [s for s, _ in theirs["curve"]]
+  assert figures["max_test_mse_gap"] < 1e-4, figures["max_test_mse_gap"]
+  assert ours["curve"][-1][1] < ours["curve"][0][1]  # it trains
+  assert finite(figures["flax_time_over_bptt_jax"], 0)
+
+
 SCRIPTS = {  # name: (files it writes, check of its JSON figures and settings)
     "gradient_flow": (["gradient_flow.json", "gradient_flow.png"], check_gradient_flow),
     "adding_problem": (["adding_problem.json", "adding_problem.png"], check_adding_problem),
@@ -186,6 +196,7 @@ SCRIPTS = {  # name: (files it writes, check of its JSON figures and settings)
     "sentiment": (["sentiment.json", "learning_curves.png"], check_sentiment),
     "char_lm": (["char_lm.json", "loss.png", "samples.txt"], check_char_lm),
     "benchmark": (["benchmark.json", "benchmark.md"], check_benchmark),
+    "flax_interop": (["flax_interop.json", "flax_interop.png"], check_flax_interop),
 }
 
 

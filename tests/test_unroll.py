@@ -502,3 +502,13 @@ def test_bad_inputs_raise():
   _unroll_error(ValueError, "user_step has no initial_carry: pass carry=", xs,
                 cell=user_step, params={})
   _unroll_error(TypeError, "expected a bptt_jax.Cell or a step function", xs, cell=3, params={})
+
+
+def test_bidirectional_stack_errors():
+  """Its values are checked against PyTorch's bidirectional layers in test_torch.py."""
+  pair = (bj.rnn(2), bj.rnn(2))
+  xs = np.zeros((1, 3, 2), np.float32)
+  with pytest.raises(ValueError, match=r"params must hold one entry per layer \(2\), got 1"):
+    bj.bidirectional_stack([pair, pair], [({}, {})], xs)
+  with pytest.raises(ValueError, match="layer 0 must be a .forward_cell, backward_cell. pair"):
+    bj.bidirectional_stack([bj.rnn(2)], [({}, {})], xs)
