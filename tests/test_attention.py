@@ -251,8 +251,10 @@ def decoder_inputs(dtype, seed=3):
   return xs, memory, h0
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("fused", [None, False], ids=["sequence", "per_step"])
+@pytest.mark.parametrize("fused, dtype", [
+    pytest.param(None, F32, id="sequence-float32"),
+    pytest.param(None, F64, id="sequence-float64", marks=pytest.mark.float64),
+    pytest.param(False, F32, id="per_step-float32")])
 @pytest.mark.parametrize("name", sorted(DECODERS))
 def test_decoder_cell_under_unroll_equals_the_step_loop(name, fused, dtype):
   """The cell's whole-sequence path (keys once) and its per-step path, with target
@@ -282,7 +284,7 @@ def test_decoder_cell_under_unroll_equals_the_step_loop(name, fused, dtype):
 
 
 @pytest.mark.float64
-@pytest.mark.parametrize("name", sorted(DECODERS))
+@pytest.mark.parametrize("name", ["luong_general_input_feeding", "bahdanau_additive"])
 def test_decoder_gradients_equal_autodiff_of_the_loop(name):
   """Gradients w.r.t. params, inputs, memory and the starting state (the encoder's
   way in) through the sequence path, against jax.grad of the jnp loop."""
@@ -299,62 +301,53 @@ def test_decoder_gradients_equal_autodiff_of_the_loop(name):
     return jnp.sum(ref_decoder_loop(jnp, name, p, xs, memory, h0)[0] * g)
 
   got = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(p, xs, memory, h0)
-  want = jax.grad(ref, argnums=(0, 1, 2, 3))(p, xs, memory, h0)
+  want = jax.jit(jax.grad(ref, argnums=(0, 1, 2, 3)))(p, xs, memory, h0)
   for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12 * max(1.0, np.abs(b).max()))
   assert np.abs(np.asarray(got[2])).max() > 1e-3  # the memory's gradient is there
 
 
 def test_decoder_cell_trains_through_the_model_contract():
-  """segmented_loss (gradient into the memory), train_step and streamed tbptt_step
-  on a decoder whose carry holds the encoder states; gradient_flow reads it too."""
-  cell, p = decoder_and_params("luong_general_input_feeding", F32)
+  """train_step (segmented_loss from a carry built inside the loss) and streamed
+  tbptt_step on a decoder whose carry holds the encoder states, against the numpy
+  loop; gradient_flow reads the same carry."""
+  name = "luong_general_input_feeding"
+  cell, p = decoder_and_params(name, F32)
   xs, memory, h0 = decoder_inputs(F32)
-  readout = bj.init_readout(jax.random.key(5), A, 2)
-  params = {"cell": p, "head": readout}
+  params = {"cell": p, "head": random_params({"W_hy": np.zeros((A, 2)), "b_y": np.zeros(2)}, 5)}
   ys = np.random.default_rng(6).normal(size=(B, T, 2)).astype(F32)
   step_loss = lambda params, outs, ys: bj.mse(bj.readout(params["head"], outs), ys)  # noqa: E731
+  f64 = lambda t: jax.tree_util.tree_map(lambda a: np.asarray(a, F64), t)  # noqa: E731
+  outs, _, _ = ref_decoder_loop(np, name, f64(p), f64(xs), np.nan_to_num(f64(memory)), f64(h0))
+  preds = outs @ f64(params["head"]["W_hy"]) + f64(params["head"]["b_y"])[None, None]
+  want = ((preds - ys) ** 2).sum(-1)[TGT_MASK].sum() / B  # "sum": over steps, mean over B
 
-  def loss_from_memory(params, memory):
-    carry = bj.attention_carry(params["cell"], bj.LSTMState(*h0), memory, lengths=LENGTHS)
+  def loss_fn(params, batch):  # the encoder's states come in with the batch
+    carry = bj.attention_carry(params["cell"], bj.LSTMState(*h0), batch["memory"],
+                               lengths=LENGTHS)
     return bj.segmented_loss(cell, params, xs, ys, step_loss, lengths=TGT_LENGTHS, carry=carry,
                              remat=2, reduction="sum")[0]
 
-  loss, (g_params, g_memory) = jax.jit(jax.value_and_grad(loss_from_memory, argnums=(0, 1)))(
-      params, memory)
-  want = 0.0  # the loss from unroll's outputs, summed by hand
-  carry = bj.attention_carry(p, bj.LSTMState(*h0), memory, lengths=LENGTHS)
-  _, outs = bj.unroll(cell, p, xs, lengths=TGT_LENGTHS, carry=carry)
-  per_step = np.asarray(step_loss(params, outs, ys))
-  want = per_step[TGT_MASK].sum() / B
-  np.testing.assert_allclose(loss, want, rtol=1e-5)
-  assert np.isfinite(np.asarray(g_memory)).all()
-  np.testing.assert_array_equal(np.asarray(g_memory)[~MASK], 0.0)  # NaN padding: zero
-  assert np.abs(np.asarray(g_memory)[MASK]).min() > 0  # every valid state gets a gradient
-
   tx = optax.sgd(0.1)
-  step = bj.train_step(lambda params, batch: loss_from_memory(params, batch), tx, donate=False)
-  new, metrics = step(bj.TrainState.create(params, tx), memory)
-  np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-6)
-  assert np.isfinite(optax.global_norm(new.params))
-  np.testing.assert_allclose(jax.tree_util.tree_leaves(new.params)[0],
-                             jax.tree_util.tree_leaves(params)[0]
-                             - 0.1 * jax.tree_util.tree_leaves(g_params)[0], rtol=1e-5)
+  new, metrics = bj.train_step(loss_fn, tx, donate=False)(bj.TrainState.create(params, tx),
+                                                           {"memory": memory})
+  np.testing.assert_allclose(metrics["loss"], want, rtol=1e-5)
+  assert bool(metrics["finite"]) and float(metrics["grad_norm"]) > 0
 
-  # Streamed TBPTT: the carry (memory inside) flows from chunk to chunk; the loss of
-  # the first chunk equals the loss of the first k1 steps computed directly.
+  # Streamed TBPTT: the carry (memory inside) flows from chunk to chunk. With sgd(0)
+  # the params stay, so the chunks' losses add up to the whole sequence's.
+  carry = bj.attention_carry(p, bj.LSTMState(*h0), memory, lengths=LENGTHS)
   tbptt = bj.tbptt_step(bj.cell_model(cell), step_loss, optax.sgd(0.0), k1=2, reduction="sum",
                         donate=False)
   state = bj.TrainState.create(params, optax.sgd(0.0), carry=carry)
   state, m = tbptt(state, {"xs": xs, "ys": ys, "lengths": TGT_LENGTHS})
-  assert m["loss"].shape == (2,)
-  np.testing.assert_allclose(m["loss"].sum(), want, rtol=1e-5)  # sgd(0): the same params
+  np.testing.assert_allclose(m["loss"].sum(), want, rtol=1e-5)
   np.testing.assert_array_equal(state.carry.memory, carry.memory)  # carried along, unchanged
+  np.testing.assert_array_equal(state.carry.mask, MASK)
 
-  flow_loss, norms = bj.gradient_flow(cell, p, xs, lambda hs: jnp.sum(hs[:, -1] ** 2),
-                                      carry=carry, lengths=np.array([4, 4, 4]))
+  _, norms = bj.gradient_flow(cell, p, xs, lambda hs: jnp.sum(hs[:, -1] ** 2), carry=carry)
   assert norms.shape == (B, T) and np.isfinite(np.asarray(norms)).all()
-  assert (np.asarray(norms)[:, :-1] > 0).all()  # input feeding: a_t reaches the last step
+  assert (np.asarray(norms) > 0).all()  # input feeding: every a_t reaches the last step
 
 
 def test_decoder_cell_errors_name_what_is_wrong():
