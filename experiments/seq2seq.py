@@ -15,7 +15,7 @@ al. 2015). Reported: exact-match accuracy (greedy decoding) against input
 length, greedy against beam search, and heatmaps of the attention weights.
 All data come from the standard library's `random` and `datetime`, seeded.
 
-  python experiments/seq2seq.py           # about 12 minutes on 2 CPU cores
+  python experiments/seq2seq.py           # 43 min on 2 CPU cores shared with other jobs
   python experiments/seq2seq.py --quick
 """
 
