@@ -284,7 +284,7 @@ def test_decoder_cell_under_unroll_equals_the_step_loop(name, fused, dtype):
 
 
 @pytest.mark.float64
-@pytest.mark.parametrize("name", ["luong_general_input_feeding", "bahdanau_additive"])
+@pytest.mark.parametrize("name", ["luong_general_input_feeding"])
 def test_decoder_gradients_equal_autodiff_of_the_loop(name):
   """Gradients w.r.t. params, inputs, memory and the starting state (the encoder's
   way in) through the sequence path, against jax.grad of the jnp loop."""
