@@ -2,6 +2,14 @@
 
 from bptt_jax import data as data
 from bptt_jax import sharding as sharding
+from bptt_jax._attention import Attention as Attention
+from bptt_jax._attention import AttentionState as AttentionState
+from bptt_jax._attention import additive_attention as additive_attention
+from bptt_jax._attention import attend as attend
+from bptt_jax._attention import attention_carry as attention_carry
+from bptt_jax._attention import attention_cell as attention_cell
+from bptt_jax._attention import dot_attention as dot_attention
+from bptt_jax._attention import general_attention as general_attention
 from bptt_jax._cells import Cell as Cell
 from bptt_jax._cells import as_cell as as_cell
 from bptt_jax._cells import gru as gru
@@ -42,6 +50,12 @@ from bptt_jax._model import as_model as as_model
 from bptt_jax._model import cell_model as cell_model
 from bptt_jax._model import model_loss as model_loss
 from bptt_jax._model import segmented_loss as segmented_loss
+from bptt_jax._seq2seq import Decoded as Decoded
+from bptt_jax._seq2seq import Seq2Seq as Seq2Seq
+from bptt_jax._seq2seq import beam_search as beam_search
+from bptt_jax._seq2seq import greedy_decode as greedy_decode
+from bptt_jax._seq2seq import seq2seq as seq2seq
+from bptt_jax._seq2seq import seq2seq_loss as seq2seq_loss
 from bptt_jax._torch import from_torch as from_torch
 from bptt_jax._training import TrainState as TrainState
 from bptt_jax._training import apply_gradients as apply_gradients
@@ -59,14 +73,16 @@ from bptt_jax._unroll import unroll as unroll
 __version__ = "0.1.0"
 
 __all__ = [
-    "Cell", "CheckpointError", "LSTMState", "LinenRNN", "Model", "NNXRNN", "NonFiniteError",
-    "RNNGrads", "StreamCarry", "TrainState", "apply_gradients", "as_cell", "as_model",
-    "bidirectional", "bidirectional_stack", "cell_model", "compute_dtype", "data",
-    "default_hoist", "final_loss", "fit", "from_flax", "from_flax_weights", "from_keras",
-    "from_torch", "gradient_flow", "gru", "guard", "init_readout", "irnn", "jacobian_norms",
-    "last_step", "length_mask", "load_checkpoint", "lstm", "model_loss", "mse", "optimizer",
-    "readout", "restore_latest", "rnn", "rnn_bptt", "rnn_value_and_grad", "save_checkpoint",
-    "segmented_loss", "sequence_loss", "sharding", "sigmoid_binary_cross_entropy",
-    "softmax_cross_entropy", "stack", "stream_carry", "tbptt_step", "to_flax_weights",
-    "train_step", "unroll",
+    "Attention", "AttentionState", "Cell", "CheckpointError", "Decoded", "LSTMState", "LinenRNN",
+    "Model", "NNXRNN", "NonFiniteError", "RNNGrads", "Seq2Seq", "StreamCarry", "TrainState",
+    "additive_attention", "apply_gradients", "as_cell", "as_model", "attend", "attention_carry",
+    "attention_cell", "beam_search", "bidirectional", "bidirectional_stack", "cell_model",
+    "compute_dtype", "data", "default_hoist", "dot_attention", "final_loss", "fit", "from_flax",
+    "from_flax_weights", "from_keras", "from_torch", "general_attention", "gradient_flow",
+    "greedy_decode", "gru", "guard", "init_readout", "irnn", "jacobian_norms", "last_step",
+    "length_mask", "load_checkpoint", "lstm", "model_loss", "mse", "optimizer", "readout",
+    "restore_latest", "rnn", "rnn_bptt", "rnn_value_and_grad", "save_checkpoint",
+    "segmented_loss", "seq2seq", "seq2seq_loss", "sequence_loss", "sharding",
+    "sigmoid_binary_cross_entropy", "softmax_cross_entropy", "stack", "stream_carry",
+    "tbptt_step", "to_flax_weights", "train_step", "unroll",
 ]

@@ -170,13 +170,21 @@ def _rnn_inputs(params, xs, carry, lengths, dhs=None):
   return params, xs, cast_floats(dhs, dt), h0, mask
 
 
+def _inexact(leaf) -> bool:
+  return jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
+
+
+def _perturb(c, e):
+  return c + e if _inexact(c) else c
+
+
 def _perturbed_unroll(cell, params, xs_tm, eps, carry, mask_tm):
   """Unroll in which ``eps[t]`` is added to the carry right after step ``t``."""
 
   def body(c, inp):
     x_t, e_t, m_t = inp
     new_c, _ = cell.step(params, c, x_t)
-    new_c = where_rows(m_t, jax.tree_util.tree_map(jnp.add, new_c, e_t), c)
+    new_c = where_rows(m_t, jax.tree_util.tree_map(_perturb, new_c, e_t), c)
     h = cell.hidden(new_c)
     return new_c, where_rows(m_t, h, jnp.zeros_like(h))
 
@@ -195,8 +203,11 @@ def _prepare(cell, params, xs, carry, lengths):
   mask = step_mask(B, T, lengths=lengths)
   mask = jnp.ones((B, T), bool) if mask is None else mask
   xs = select_steps(mask, cast_floats(jnp.asarray(xs), dt))
+  # Integer and boolean leaves (a mask, a counter) are not perturbed: a [T]
+  # placeholder keeps the tree's structure.
   eps = jax.tree_util.tree_map(
-      lambda leaf: jnp.zeros((T,) + leaf.shape, leaf.dtype), carry)
+      lambda leaf: jnp.zeros((T,) + leaf.shape, leaf.dtype) if _inexact(leaf)
+      else jnp.zeros((T,), dt), carry)
   return cell, params, jnp.swapaxes(xs, 0, 1), carry, jnp.swapaxes(mask, 0, 1), eps
 
 

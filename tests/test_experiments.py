@@ -187,6 +187,27 @@ def check_flax_interop(figures, settings):
   assert finite(figures["flax_time_over_bptt_jax"], 0)
 
 
+def check_seq2seq(figures, settings):
+  assert set(figures) == {"dates", "addition"}
+  for task, part in figures.items():
+    assert set(part["models"]) == set(settings["models"]), task
+    for name, row in part["models"].items():
+      assert row["nonfinite_steps"] == 0, (task, name)
+      # Chance per character is 1/V: 20 updates leave the loss near ln V, not beyond.
+      assert finite(row["final_train_loss"], 0, 1.5 * math.log(part["target_vocab"])), row
+      for test, acc in row["tests"].items():
+        assert acc["examples"] == part["test_examples"][test] > 0, (task, name, test)
+        for key in ("greedy_exact_match", "beam_exact_match"):
+          assert finite(acc[key], 0, 1), (task, name, test, key)
+          # A fraction of the test examples: a whole number of them.
+          assert acc[key] * acc["examples"] == pytest.approx(round(acc[key] * acc["examples"]))
+        assert all(finite(v, 0, 1) for v in acc["greedy_by_source_length"].values())
+  # Held-out formats are formats, not dates, never seen in training.
+  assert set(figures["dates"]["test_examples"]) == {"held-out dates", "held-out formats"}
+  digits = [int(k.split()[0]) for k in figures["addition"]["test_examples"]]
+  assert max(digits) == settings["test_digits"] > settings["train_digits"]
+
+
 SCRIPTS = {  # name: (files it writes, check of its JSON figures and settings)
     "gradient_flow": (["gradient_flow.json", "gradient_flow.png"], check_gradient_flow),
     "adding_problem": (["adding_problem.json", "adding_problem.png"], check_adding_problem),
@@ -197,6 +218,8 @@ SCRIPTS = {  # name: (files it writes, check of its JSON figures and settings)
     "char_lm": (["char_lm.json", "loss.png", "samples.txt"], check_char_lm),
     "benchmark": (["benchmark.json", "benchmark.md"], check_benchmark),
     "flax_interop": (["flax_interop.json", "flax_interop.png"], check_flax_interop),
+    "seq2seq": (["seq2seq.json", "dates_accuracy.png", "addition_accuracy.png", "attention.png"],
+                check_seq2seq),
 }
 
 
