@@ -16,6 +16,8 @@ from bptt_jax._checkpoint import save as save_checkpoint
 from bptt_jax._common import LSTMState as LSTMState
 from bptt_jax._common import compute_dtype as compute_dtype
 from bptt_jax._common import length_mask as length_mask
+from bptt_jax._deer import Deer as Deer
+from bptt_jax._deer import DeerInfo as DeerInfo
 from bptt_jax._fit import NonFiniteError as NonFiniteError
 from bptt_jax._fit import fit as fit
 from bptt_jax._gradients import RNNGrads as RNNGrads
@@ -23,6 +25,11 @@ from bptt_jax._gradients import gradient_flow as gradient_flow
 from bptt_jax._gradients import jacobian_norms as jacobian_norms
 from bptt_jax._gradients import rnn_bptt as rnn_bptt
 from bptt_jax._gradients import rnn_value_and_grad as rnn_value_and_grad
+from bptt_jax._linear_rnn import default_method as default_linear_method
+from bptt_jax._linear_rnn import linear_scan as linear_scan
+from bptt_jax._linear_rnn import lru as lru
+from bptt_jax._linear_rnn import min_gru as min_gru
+from bptt_jax._linear_rnn import min_lstm as min_lstm
 from bptt_jax._losses import final_loss as final_loss
 from bptt_jax._losses import init_readout as init_readout
 from bptt_jax._losses import last_step as last_step
@@ -45,18 +52,20 @@ from bptt_jax._truncated import StreamCarry as StreamCarry
 from bptt_jax._truncated import stream_carry as stream_carry
 from bptt_jax._truncated import tbptt_step as tbptt_step
 from bptt_jax._unroll import bidirectional as bidirectional
+from bptt_jax._unroll import deer_unroll as deer_unroll
 from bptt_jax._unroll import default_hoist as default_hoist
 from bptt_jax._unroll import unroll as unroll
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Cell", "CheckpointError", "LSTMState", "Model", "NonFiniteError", "RNNGrads",
-    "StreamCarry", "TrainState", "apply_gradients", "as_cell", "as_model", "bidirectional",
-    "cell_model", "compute_dtype", "data", "default_hoist", "final_loss", "fit", "from_flax",
-    "gradient_flow", "gru", "guard", "init_readout", "irnn", "jacobian_norms", "last_step",
-    "length_mask", "load_checkpoint", "lstm", "model_loss", "mse", "optimizer", "readout",
-    "restore_latest", "rnn", "rnn_bptt", "rnn_value_and_grad", "save_checkpoint",
+    "Cell", "CheckpointError", "Deer", "DeerInfo", "LSTMState", "Model", "NonFiniteError",
+    "RNNGrads", "StreamCarry", "TrainState", "apply_gradients", "as_cell", "as_model",
+    "bidirectional", "cell_model", "compute_dtype", "data", "deer_unroll", "default_hoist",
+    "default_linear_method", "final_loss", "fit", "from_flax", "gradient_flow", "gru", "guard",
+    "init_readout", "irnn", "jacobian_norms", "last_step", "length_mask", "linear_scan",
+    "load_checkpoint", "lru", "lstm", "min_gru", "min_lstm", "model_loss", "mse", "optimizer",
+    "readout", "restore_latest", "rnn", "rnn_bptt", "rnn_value_and_grad", "save_checkpoint",
     "segmented_loss", "sequence_loss", "sigmoid_binary_cross_entropy", "softmax_cross_entropy",
     "stack", "stream_carry", "tbptt_step", "train_step", "unroll",
 ]
