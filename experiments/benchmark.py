@@ -108,6 +108,9 @@ def parse_args():
                       "quasi-DEER GRU against the fused GRU and LSTM, at growing T")
   parser.add_argument("--deer-iterations", dest="deer_iterations", action="store_true",
                       help="only the DEER / quasi-DEER iteration counts against T and scale")
+  parser.add_argument("--pairs", nargs="+", default=None,
+                      help="--parallel-vs-T: only these cell/impl pairs, e.g. "
+                      "min_gru/bptt_jax_sequential gru/bptt_jax (default: all)")
   parser.add_argument("--max-seconds", type=float, default=600.0,
                       help="--parallel-vs-T: skip a point expected to take longer (s)")
   parser.add_argument("--no-memory", action="store_true", help="skip the memory processes")
@@ -264,10 +267,17 @@ def parallel_vs_T(args) -> None:
   """Train steps of the parallel-in-time paths against the fused GRU/LSTM at growing T."""
   base = cases.QUICK_CONFIGS["tiny"] if args.quick else MEMORY_VS_T_DIMS
   lengths = args.lengths or ([10, 100] if args.quick else PARALLEL_VS_T_LENGTHS)
+  pairs = cases.PARALLEL_VS_T_CASES
+  if args.pairs:
+    unknown = set(args.pairs) - {f"{c}/{i}" for c, i in pairs}
+    if unknown:
+      raise SystemExit(f"unknown --pairs {sorted(unknown)}; choose from "
+                       + " ".join(f"{c}/{i}" for c, i in pairs))
+    pairs = [(c, i) for c, i in pairs if f"{c}/{i}" in args.pairs]
   load, raws = [os.getloadavg()[0]], []
   for T in lengths:
     dims = base._replace(T=T)
-    for cell, impl in cases.PARALLEL_VS_T_CASES:
+    for cell, impl in pairs:
       task = worker.memory_task(cell, f"T={T}", dims, impl)
       rise = expected_rise_mb([r for r in raws if r["cell"] == cell], impl, T)
       seconds = expected_seconds(raws, cell, impl, T)
