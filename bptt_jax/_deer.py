@@ -243,6 +243,12 @@ def _solve_matrices(A, b, *, reverse=False):
 # The forward solve.
 
 
+def _max_abs(a):
+  """``max |a|``, ``inf`` if any entry is NaN (a max reduction may skip NaNs)."""
+  d = jnp.abs(a)
+  return jnp.max(jnp.where(jnp.isnan(d), jnp.inf, d))
+
+
 def _shift(s0, states):
   """``[s0, s_1, ..., s_{T-1}]``: the state before each step."""
   return jnp.concatenate([s0[None], states[:-1]], axis=0)
@@ -270,7 +276,7 @@ def _newton_solve(cell, flat, deer: Deer, tol, params, xs, s0, mask):
     return _transition(cell, flat, params, _rows(s_prev), xs_r, m_r).reshape(s_prev.shape)
 
   def residual(states):
-    return jnp.max(jnp.abs(states - f_rows(_shift(s0, states))))
+    return _max_abs(states - f_rows(_shift(s0, states)))
 
   def newton(states):
     s_prev = _shift(s0, states)
@@ -338,9 +344,9 @@ def _attach_bwd(cell, flat, deer, tol, res, g):
     d_next = up(d)
 
     def adjoint_residual(lam):
-      return jnp.max(jnp.abs(lam - g - up(vjp(lam)[1])))
+      return _max_abs(lam - g - up(vjp(lam)[1]))
 
-    scale = jnp.maximum(jnp.max(jnp.abs(g)), 1.0)
+    scale = jnp.maximum(_max_abs(g), 1.0)
 
     def cond(state):
       k, _, r = state

