@@ -24,6 +24,8 @@ from bptt_jax._checkpoint import save as save_checkpoint
 from bptt_jax._common import LSTMState as LSTMState
 from bptt_jax._common import compute_dtype as compute_dtype
 from bptt_jax._common import length_mask as length_mask
+from bptt_jax._deer import Deer as Deer
+from bptt_jax._deer import DeerInfo as DeerInfo
 from bptt_jax._fit import NonFiniteError as NonFiniteError
 from bptt_jax._fit import fit as fit
 from bptt_jax._flax import NNXRNN as NNXRNN
@@ -37,6 +39,11 @@ from bptt_jax._gradients import jacobian_norms as jacobian_norms
 from bptt_jax._gradients import rnn_bptt as rnn_bptt
 from bptt_jax._gradients import rnn_value_and_grad as rnn_value_and_grad
 from bptt_jax._keras import from_keras as from_keras
+from bptt_jax._linear_rnn import default_method as default_linear_method
+from bptt_jax._linear_rnn import linear_scan as linear_scan
+from bptt_jax._linear_rnn import lru as lru
+from bptt_jax._linear_rnn import min_gru as min_gru
+from bptt_jax._linear_rnn import min_lstm as min_lstm
 from bptt_jax._losses import final_loss as final_loss
 from bptt_jax._losses import init_readout as init_readout
 from bptt_jax._losses import last_step as last_step
@@ -67,22 +74,24 @@ from bptt_jax._truncated import stream_carry as stream_carry
 from bptt_jax._truncated import tbptt_step as tbptt_step
 from bptt_jax._unroll import bidirectional as bidirectional
 from bptt_jax._unroll import bidirectional_stack as bidirectional_stack
+from bptt_jax._unroll import deer_unroll as deer_unroll
 from bptt_jax._unroll import default_hoist as default_hoist
 from bptt_jax._unroll import unroll as unroll
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Attention", "AttentionState", "Cell", "CheckpointError", "Decoded", "LSTMState", "LinenRNN",
-    "Model", "NNXRNN", "NonFiniteError", "RNNGrads", "Seq2Seq", "StreamCarry", "TrainState",
-    "additive_attention", "apply_gradients", "as_cell", "as_model", "attend", "attention_carry",
-    "attention_cell", "beam_search", "bidirectional", "bidirectional_stack", "cell_model",
-    "compute_dtype", "data", "default_hoist", "dot_attention", "final_loss", "fit", "from_flax",
+    "Attention", "AttentionState", "Cell", "CheckpointError", "Decoded", "Deer", "DeerInfo",
+    "LSTMState", "LinenRNN", "Model", "NNXRNN", "NonFiniteError", "RNNGrads", "Seq2Seq",
+    "StreamCarry", "TrainState", "additive_attention", "apply_gradients", "as_cell", "as_model",
+    "attend", "attention_carry", "attention_cell", "beam_search", "bidirectional",
+    "bidirectional_stack", "cell_model", "compute_dtype", "data", "deer_unroll", "default_hoist",
+    "default_linear_method", "dot_attention", "final_loss", "fit", "from_flax",
     "from_flax_weights", "from_keras", "from_torch", "general_attention", "gradient_flow",
     "greedy_decode", "gru", "guard", "init_readout", "irnn", "jacobian_norms", "last_step",
-    "length_mask", "load_checkpoint", "lstm", "model_loss", "mse", "optimizer", "readout",
-    "restore_latest", "rnn", "rnn_bptt", "rnn_value_and_grad", "save_checkpoint",
-    "segmented_loss", "seq2seq", "seq2seq_loss", "sequence_loss", "sharding",
-    "sigmoid_binary_cross_entropy", "softmax_cross_entropy", "stack", "stream_carry",
-    "tbptt_step", "to_flax_weights", "train_step", "unroll",
+    "length_mask", "linear_scan", "load_checkpoint", "lru", "lstm", "min_gru", "min_lstm",
+    "model_loss", "mse", "optimizer", "readout", "restore_latest", "rnn", "rnn_bptt",
+    "rnn_value_and_grad", "save_checkpoint", "segmented_loss", "seq2seq", "seq2seq_loss",
+    "sequence_loss", "sharding", "sigmoid_binary_cross_entropy", "softmax_cross_entropy", "stack",
+    "stream_carry", "tbptt_step", "to_flax_weights", "train_step", "unroll",
 ]

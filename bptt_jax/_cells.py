@@ -58,6 +58,10 @@ class Cell(NamedTuple):
     layers: for a :func:`stack`, the stacked cells (bottom first); ``unroll``
       then runs them one after another over the whole sequence, each on its
       own fastest path. ``None`` for a single cell.
+    linear: for a cell linear in its state (:func:`bptt_jax.min_gru`,
+      :func:`bptt_jax.min_lstm`, :func:`bptt_jax.lru`), how it maps onto
+      ``s_t = a_t * s_{t-1} + b_t`` (a ``LinearRecurrence``); ``unroll`` then
+      evaluates it with a parallel or a sequential scan. ``None`` otherwise.
   """
 
   init: Callable[..., Params] | None
@@ -71,6 +75,7 @@ class Cell(NamedTuple):
   name: str = "cell"
   sequence: Callable | None = None
   layers: tuple | None = None
+  linear: Any = None
 
 
 def as_cell(cell_or_step) -> Cell:

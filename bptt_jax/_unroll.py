@@ -7,6 +7,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from bptt_jax import _deer, _linear_rnn
 from bptt_jax._cells import Cell, as_cell
 from bptt_jax._common import (
   cast_floats,
@@ -86,7 +87,8 @@ def remat_segments(num_steps: int, remat) -> int:
 
 def unroll(cell, params, xs, *, lengths=None, mask=None, carry=None,
            time_major: bool = False, reverse: bool = False, hoist: bool | None = None,
-           unroll: int = 1, remat=None, fused: bool | None = None, dtype=None):
+           unroll: int = 1, remat=None, fused: bool | None = None, dtype=None,
+           method=None):
   """Runs ``cell`` over the time axis of ``xs`` with one ``jax.lax.scan``.
 
   Equivalent Python loop (batch-major, no lengths, forward)::
@@ -146,6 +148,19 @@ def unroll(cell, params, xs, *, lengths=None, mask=None, carry=None,
       to float rounding; it is first-order only (no ``jax.hessian``): pass
       ``fused=False`` for higher derivatives.
     dtype: the compute dtype (e.g. ``jnp.bfloat16``); the params' by default.
+    method: how time is traversed. For a cell linear in its state
+      (:func:`bptt_jax.min_gru`, :func:`bptt_jax.min_lstm`, :func:`bptt_jax.lru`):
+      ``"parallel"`` (``jax.lax.associative_scan``, ``O(log T)`` depth) or
+      ``"sequential"`` (``jax.lax.scan``), both with a hand-written backward
+      pass that is the same scan reversed; default
+      :func:`bptt_jax.default_linear_method` (sequential on CPU, where it
+      measured faster; parallel on GPU/TPU). ``fused=False`` runs such a cell's
+      plain step under ``lax.scan`` with autodiff instead. For the other cells:
+      ``None``/``"sequential"`` (the scan over the step), ``"deer"`` or
+      ``"quasi_deer"`` (Newton's method over the whole sequence, see
+      :class:`bptt_jax.Deer`; pass a ``Deer(...)`` for its tolerance, iteration
+      cap and fallback, and :func:`bptt_jax.deer_unroll` to read the iteration
+      count). A stack applies ``method`` to every layer.
 
   Returns:
     ``(final_carry, hs)`` with ``hs`` ``[B, T, H]`` (``[T, B, H]`` if
@@ -155,15 +170,26 @@ def unroll(cell, params, xs, *, lengths=None, mask=None, carry=None,
     TypeError, ValueError: wrong rank, feature size, lengths shape/values, a
       missing carry for a cell without ``initial_carry``, settings that
       contradict each other (``fused=True`` with ``hoist=True`` or a cell
-      without a fused path, ``reverse`` with a general ``mask``).
+      without a fused path, ``reverse`` with a general ``mask``, a ``method``
+      the cell has no path for).
   """
+  check_positive_int("unroll", unroll)
+  segments = lambda T: remat_segments(T, remat)  # noqa: E731
+  make_run = lambda c, p: _runner(c, p, hoist=hoist, unroll=unroll, fused=fused,  # noqa: E731
+                                  method=method)
+  return _unroll(cell, params, xs, make_run, lengths=lengths, mask=mask, carry=carry,
+                 time_major=time_major, reverse=reverse, dtype=dtype, segments=segments)
+
+
+def _unroll(cell, params, xs, make_run, *, lengths, mask, carry, time_major, reverse, dtype,
+            segments):
+  """:func:`unroll`'s checks, casts, masking and reversal around ``make_run(cell, params)``."""
   cell = as_cell(cell)
   check_inputs(xs)
   xs = jnp.asarray(xs)
   xs_tm = xs if time_major else jnp.swapaxes(xs, 0, 1)
   T, B = xs_tm.shape[:2]
   check_feature_size(cell, params, xs_tm)
-  check_positive_int("unroll", unroll)
   dt = compute_dtype(params, dtype, fallback=xs.dtype)
   params, xs_tm = cast_floats(params, dt), cast_floats(xs_tm, dt)
   carry = initial_carry(cell, carry, B, dt)
@@ -172,31 +198,77 @@ def unroll(cell, params, xs, *, lengths=None, mask=None, carry=None,
   mask = step_mask(B, T, lengths=lengths, mask=mask)
   if lengths is not None:
     lengths = check_lengths(lengths, B, T)
-  segments = remat_segments(T, remat)
-  run = _runner(cell, params, hoist=hoist, unroll=unroll, fused=fused)
+  n_segments = segments(T)
+  run = make_run(cell, params)
 
   mask_tm = None if mask is None else jnp.swapaxes(mask, 0, 1)
   inputs = select_steps(mask_tm, xs_tm)
   if reverse:
     inputs = inputs[::-1] if lengths is None else _flip_within_lengths(inputs, lengths)
-  carry, hs = _segmented(run, carry, inputs, mask_tm, segments)
+  carry, hs = _segmented(run, carry, inputs, mask_tm, n_segments)
   if reverse:
     hs = hs[::-1] if lengths is None else _flip_within_lengths(hs, lengths)
   return carry, (hs if time_major else jnp.swapaxes(hs, 0, 1))
 
 
-def _runner(cell, params, *, hoist, unroll, fused):
+def deer_unroll(cell, params, xs, *, method="deer", lengths=None, mask=None, carry=None,
+                time_major: bool = False, reverse: bool = False, dtype=None):
+  """:func:`unroll` by DEER or quasi-DEER, with what the solve did.
+
+  The same as ``unroll(cell, params, xs, method=method, ...)``, and also
+  returns the :class:`bptt_jax.DeerInfo` of the solve: the number of Newton
+  iterations, the final residual ``max |s_t - f(s_{t-1}, x_t)|``, whether it
+  converged and whether the sequential fallback gave the trajectory.
+
+  Args:
+    cell: a cell that is not linear in its state (the built-in RNN, GRU and
+      LSTM, with or without layer norm, or a user cell whose carry leaves are
+      ``[B, ...]`` arrays). Not a stack: run its layers one by one.
+    params, xs, lengths, mask, carry, time_major, reverse, dtype: as in
+      :func:`unroll`.
+    method: ``"deer"``, ``"quasi_deer"`` or a :class:`bptt_jax.Deer`.
+
+  Returns:
+    ``(final_carry, hs, info)`` with ``hs`` ``[B, T, H]`` and ``info`` a
+    :class:`bptt_jax.DeerInfo`.
+
+  Raises:
+    ValueError, TypeError: as :func:`unroll`; a stack or a linear cell; bad
+      :class:`bptt_jax.Deer` settings.
+  """
+  cell = as_cell(cell)
+  if cell.layers is not None or cell.linear is not None:
+    raise ValueError(
+        f"deer_unroll takes a single cell that is not linear in its state, got {cell.name}")
+  deer = _deer.as_deer(method)
+  infos = []
+
+  def make_run(c, p):
+    def run(carry, inputs, mask):
+      carry, hs, info = _deer.run(c, deer, p, carry, inputs, mask)
+      infos.append(info)
+      return carry, hs
+    return run
+
+  carry, hs = _unroll(cell, params, xs, make_run, lengths=lengths, mask=mask, carry=carry,
+                      time_major=time_major, reverse=reverse, dtype=dtype,
+                      segments=lambda T: 1)
+  return carry, hs, infos[0]
+
+
+def _runner(cell, params, *, hoist, unroll, fused, method=None):
   """``run(carry, inputs [T, B, D], mask [T, B] | None) -> (carry, hs [T, B, H])``.
 
-  Picks the path: a stack layer by layer, the fused sequence, or ``lax.scan``
-  over the step (projection hoisted or per step). Masked inputs are zero.
+  Picks the path: a stack layer by layer, a linear recurrence's scan, DEER,
+  the fused sequence, or ``lax.scan`` over the step (projection hoisted or per
+  step). Masked inputs are zero.
   """
   if cell.layers is not None:
     if not isinstance(params, (tuple, list)) or len(params) != len(cell.layers):
       raise ValueError(
           f"{cell.name}: params must be a tuple with one entry per layer "
           f"({len(cell.layers)}), got {type(params).__name__}")
-    runs = [_runner(c, p, hoist=hoist, unroll=unroll, fused=fused)
+    runs = [_runner(c, p, hoist=hoist, unroll=unroll, fused=fused, method=method)
             for c, p in zip(cell.layers, params)]
 
     def run_layers(carry, inputs, mask):
@@ -208,6 +280,10 @@ def _runner(cell, params, *, hoist, unroll, fused):
 
     return run_layers
 
+  special = _special_runner(cell, params, hoist=hoist, unroll=unroll, fused=fused,
+                            method=method)
+  if special is not None:
+    return special
   if fused is None:
     fused = cell.sequence is not None and not (default_hoist() if hoist is None else hoist)
   elif fused:
@@ -245,6 +321,50 @@ def _runner(cell, params, *, hoist, unroll, fused):
     return jax.lax.scan(body, carry, (inputs, mask), unroll=unroll)
 
   return run_scan
+
+
+def _special_runner(cell, params, *, hoist, unroll, fused, method):
+  """The run of a linear recurrence or of a DEER solve; ``None`` for the ordinary paths."""
+  if cell.linear is not None:
+    if fused is False:
+      if method is not None:
+        raise ValueError(
+            f"{cell.name}: fused=False runs the plain step under lax.scan with autodiff; "
+            f"it takes no method (got {method!r})")
+      return None
+    if method is not None and not isinstance(method, str):
+      raise ValueError(f"{cell.name} is linear in its state: method must be one of "
+                       f"{_linear_rnn.METHODS} or None, got {method!r}")
+    if method is not None:
+      _linear_rnn.check_method(method)
+    if hoist is False:
+      raise ValueError(
+          f"{cell.name}: the linear-recurrence path computes the input projection for all "
+          "steps at once; hoist=False needs fused=False")
+
+    def run_linear(carry, inputs, mask):
+      chosen = method or _linear_rnn.default_method(inputs.shape[0])
+      return _linear_rnn.run(cell.linear, params, carry, inputs, mask, chosen, unroll)
+
+    return run_linear
+
+  if method is None or method == "sequential":
+    return None
+  if method == "parallel":
+    raise ValueError(
+        f"{cell.name} is not linear in its state: method='parallel' is for min_gru, "
+        "min_lstm and lru; use 'deer' or 'quasi_deer' for a parallel-in-time solve")
+  deer = _deer.as_deer(method)
+  if fused or hoist is not None:
+    raise ValueError(
+        f"method={method!r} evaluates the step for all time steps at once: it takes "
+        f"neither fused=True nor hoist= (got fused={fused!r}, hoist={hoist!r})")
+
+  def run_deer(carry, inputs, mask):
+    carry, hs, _ = _deer.run(cell, deer, params, carry, inputs, mask)
+    return carry, hs
+
+  return run_deer
 
 
 def _segmented(run, carry, inputs, mask, segments):

@@ -23,7 +23,8 @@ import bptt_jax as bj
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--lengths", type=int, nargs="+", default=[50, 100, 200], help="values of T")
-parser.add_argument("--models", nargs="+", default=["tanh", "irnn", "lstm", "gru"])
+parser.add_argument("--models", nargs="+", default=["tanh", "irnn", "lstm", "gru"],
+                    help="tanh, irnn, lstm, gru, min_gru (a stack of two minGRU layers)")
 parser.add_argument("--hidden", type=int, default=64, help="hidden units H")
 parser.add_argument("--updates", type=int, default=2500, help="optimizer updates per run")
 parser.add_argument("--batch", type=int, default=64, help="sequences per update")
@@ -56,6 +57,9 @@ CELLS = {
     "irnn": lambda H: bj.irnn(H),
     "lstm": lambda H: bj.lstm(H),
     "gru": lambda H: bj.gru(H),
+    # Two minGRU layers (Feng et al. 2024): the gates read the input only, so one layer
+    # cannot gate on the marker it sees together with a value; the second layer can.
+    "min_gru": lambda H: bj.stack(bj.min_gru(H), bj.min_gru(H)),
 }
 
 figures, curves = {}, {}

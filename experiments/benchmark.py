@@ -46,6 +46,18 @@ and steps), ``worker`` (the measuring process), ``profile`` (--profile) and
   python experiments/benchmark.py --memory-vs-T   # LSTM memory and time against T only
   python experiments/benchmark.py --profile --cells lstm --configs long --modes train \\
       --impls bptt_jax bptt_jax_malloc flax    # per-kernel times and page faults per step
+  python experiments/benchmark.py --parallel-vs-T   # minGRU/minLSTM/DEER against the fused
+                                                     # GRU/LSTM, T = 100 .. 100,000
+  python experiments/benchmark.py --deer-iterations # DEER iterations against T and weight scale
+
+Parallel in time (``--parallel-vs-T``; (B, D, H) = (16, 32, 256), train step, a
+process per (cell, impl, T), each giving XLA temp, peak RSS rise and step time):
+  bptt_jax_parallel   unroll(method="parallel"): minGRU/minLSTM by jax.lax.associative_scan
+  bptt_jax_sequential unroll(method="sequential"): minGRU/minLSTM by jax.lax.scan
+  bptt_jax_deer       unroll(method="deer"): GRU by Newton's method, full Jacobians
+  bptt_jax_quasi_deer unroll(method="quasi_deer"): GRU, diagonal Jacobians
+A point is skipped when the previous T's memory or time, scaled linearly in T, would
+exceed the free memory or --max-seconds.
 """
 
 import argparse
@@ -60,13 +72,16 @@ from bench.profile import PROFILE_STEPS
 # Memory against T: LSTM, B = 16, H = 256, D = 32.
 MEMORY_VS_T_DIMS = cases.Dims(16, 0, 32, 256)
 MEMORY_VS_T_LENGTHS = [1000, 10000, 100000]
+PARALLEL_VS_T_LENGTHS = [100, 1000, 2000, 10000, 100000]
+DEER_ITER_LENGTHS = [100, 1000, 10000]
+DEER_ITER_SCALES = [0.5, 1.0, 1.5, 2.0, 3.0]
 PEAK_SIZES, QUICK_PEAK_SIZES = (2048, 4096), (512,)  # n of the [n, n] matmuls for the peak
 
 
 def parse_args():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--cells", nargs="+", choices=cases.CELLS, default=None,
-                      help="default: all (--quick: lstm)")
+                      help=f"default: {' '.join(cases.DEFAULT_CELLS)} (--quick: lstm)")
   parser.add_argument("--configs", nargs="+", choices=list(cases.CONFIGS),
                       default=list(cases.CONFIGS),
                       help="(B, T, D, H): " + ", ".join(f"{k} {tuple(v)}"
@@ -88,6 +103,16 @@ def parse_args():
                       help="only the LSTM memory-against-T section")
   parser.add_argument("--lengths", type=int, nargs="+", default=None,
                       help=f"values of T for --memory-vs-T (default {MEMORY_VS_T_LENGTHS})")
+  parser.add_argument("--parallel-vs-T", dest="parallel_vs_T", action="store_true",
+                      help="only minGRU/minLSTM (parallel and sequential scans) and DEER/"
+                      "quasi-DEER GRU against the fused GRU and LSTM, at growing T")
+  parser.add_argument("--deer-iterations", dest="deer_iterations", action="store_true",
+                      help="only the DEER / quasi-DEER iteration counts against T and scale")
+  parser.add_argument("--pairs", nargs="+", default=None,
+                      help="--parallel-vs-T: only these cell/impl pairs, e.g. "
+                      "min_gru/bptt_jax_sequential gru/bptt_jax (default: all)")
+  parser.add_argument("--max-seconds", type=float, default=600.0,
+                      help="--parallel-vs-T: skip a point expected to take longer (s)")
   parser.add_argument("--no-memory", action="store_true", help="skip the memory processes")
   parser.add_argument("--profile", action="store_true",
                       help="only profile the JAX impls: per-kernel time and page faults per step")
@@ -229,12 +254,91 @@ def memory_vs_T(args) -> None:
   print("\n" + text)
 
 
+def expected_seconds(done: list, cell: str, impl: str, T: int) -> float | None:
+  """The last measured time of (cell, impl) for the memory steps, scaled linearly to ``T``."""
+  points = [d for d in done if (d["cell"], d["impl"]) == (cell, impl) and "step_ms" in d]
+  if not points:
+    return None
+  last = points[-1]
+  return sum(last["step_ms"]) / 1e3 * T / last["dims"][1]
+
+
+def parallel_vs_T(args) -> None:
+  """Train steps of the parallel-in-time paths against the fused GRU/LSTM at growing T."""
+  base = cases.QUICK_CONFIGS["tiny"] if args.quick else MEMORY_VS_T_DIMS
+  lengths = args.lengths or ([10, 100] if args.quick else PARALLEL_VS_T_LENGTHS)
+  pairs = cases.PARALLEL_VS_T_CASES
+  if args.pairs:
+    unknown = set(args.pairs) - {f"{c}/{i}" for c, i in pairs}
+    if unknown:
+      raise SystemExit(f"unknown --pairs {sorted(unknown)}; choose from "
+                       + " ".join(f"{c}/{i}" for c, i in pairs))
+    pairs = [(c, i) for c, i in pairs if f"{c}/{i}" in args.pairs]
+  load, raws = [os.getloadavg()[0]], []
+  for T in lengths:
+    dims = base._replace(T=T)
+    for cell, impl in pairs:
+      task = worker.memory_task(cell, f"T={T}", dims, impl)
+      rise = expected_rise_mb([r for r in raws if r["cell"] == cell], impl, T)
+      seconds = expected_seconds(raws, cell, impl, T)
+      if rise is not None and rise > worker.MEMORY_FRACTION * worker.available_mb():
+        raw = dict(task, skipped=f"expects {rise:.0f} MB, {worker.available_mb():.0f} MB free")
+      elif seconds is not None and seconds > args.max_seconds:
+        raw = dict(task, skipped=f"expects {seconds:.0f} s > --max-seconds {args.max_seconds:g}")
+      elif any(r.get("skipped") or "error" in r for r in raws
+               if (r["cell"], r["impl"]) == (cell, impl)):
+        raw = dict(task, skipped="skipped or failed at a shorter T")
+      else:
+        raw = worker.spawn(task)
+      raws.append(raw)
+      print(f"  T={T:<7d} {cell:9s} {impl:20s} {report.describe_memory(raw)}", flush=True)
+  load.append(os.getloadavg()[0])
+  B, _, D, H = base
+  sections = [
+      f"# Parallel in time against T: train step, B={B}, D={D}, H={H}",
+      report.machine_line(load),
+      "Each entry a process: XLA temp (planned temporary buffers, MB), peak RSS rise (MB) and "
+      f"the median time of steps 2..{worker.MEMORY_STEPS} (ms); the ratio is the step time "
+      "over the fused GRU's (bptt_jax defaults) at the same T.",
+      report.parallel_vs_T_table(raws)]
+  text = report.write_report(f"{args.out}/parallel_vs_T.md", sections)
+  common.write_json(f"{args.out}/parallel_vs_T.json",
+                    {"parallel_vs_T": raws, "load_average": load}, args)
+  print("\n" + text)
+
+
+def deer_iterations(args) -> None:
+  """DEER and quasi-DEER GRU iterations to converge, against T and the recurrent scale."""
+  base = cases.QUICK_CONFIGS["tiny"] if args.quick else cases.Dims(16, 0, 32, 64)
+  lengths = args.lengths or ([10, 100] if args.quick else DEER_ITER_LENGTHS)
+  load, raws = [os.getloadavg()[0]], []
+  for T in lengths:
+    for scale in DEER_ITER_SCALES:
+      raw = worker.spawn({"task": "deer_iters", "cell": "gru", "dims": list(base._replace(T=T)),
+                          "scale": scale})
+      raws.append(raw)
+      print(f"  T={T:<6d} scale={scale:<4g} {report.describe_deer(raw)}", flush=True)
+  load.append(os.getloadavg()[0])
+  B, _, D, H = base
+  sections = [
+      f"# DEER iterations: GRU, B={B}, D={D}, H={H}, U scaled", report.machine_line(load),
+      "Newton iterations until max |h_t - f(h_{t-1}, x_t)| <= 1.2e-5 (float32, the default "
+      "tol), cap 200; the largest deviation from the sequential scan's trajectory; the "
+      "forward time of one solve. GRU initialized as usual (orthogonal U), then U multiplied "
+      "by the scale; inputs standard normal.",
+      report.deer_table(raws)]
+  text = report.write_report(f"{args.out}/deer_iterations.md", sections)
+  common.write_json(f"{args.out}/deer_iterations.json",
+                    {"deer_iterations": raws, "load_average": load}, args)
+  print("\n" + text)
+
+
 def main():
   args = parse_args()
   if args.quick:
     args.rounds, args.iters, args.cells = 1, 2, args.cells or ["lstm"]
   configs = cases.QUICK_CONFIGS if args.quick else {c: cases.CONFIGS[c] for c in args.configs}
-  args.cells = args.cells or list(cases.CELLS)
+  args.cells = args.cells or list(cases.DEFAULT_CELLS)
   default_impls = (cases.MEMORY_VS_T_IMPLS if args.memory_vs_T
                    else cases.QUICK_IMPLS if args.quick else cases.DEFAULT_IMPLS)
   args.impls = args.impls or default_impls
@@ -242,7 +346,11 @@ def main():
     print("PyTorch is not installed: skipping " + ", ".join(sorted(cases.TORCH_IMPLS)))
     args.impls = [i for i in args.impls if i not in cases.TORCH_IMPLS]
   args.out = common.results_dir("benchmark", args.out)
-  if args.memory_vs_T:
+  if args.parallel_vs_T:
+    parallel_vs_T(args)
+  elif args.deer_iterations:
+    deer_iterations(args)
+  elif args.memory_vs_T:
     memory_vs_T(args)
   elif args.profile:
     profile(args, configs)

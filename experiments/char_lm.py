@@ -10,7 +10,9 @@ Models, trained on the same data for the same wall-clock budget:
   rnn   min-char-rnn: tanh RNN, 100 units, chunks of 25, Adagrad 0.1,
         gradients clipped element-wise to [-5, 5], one stream (batch 1);
   lstm  char-rnn style: LSTM, 256 units, chunks of 50, 16 streams, Adam 4e-3,
-        gradients clipped to global norm 1.
+        gradients clipped to global norm 1;
+  min_gru  a stack of minGRU layers (Feng et al. 2024; 3 x 256 units by default),
+        unrolled by unroll's default linear scan, otherwise the LSTM's settings.
 Baselines: unigram, bigram and trigram counts with add-one smoothing, and an
 interpolated Kneser-Ney trigram, on the same split and vocabulary. Scores are
 bits per character on the held-out files, read as one stream from start to end
@@ -40,7 +42,7 @@ p.add_argument("--quick", action="store_true", help="tiny text, a few seconds ea
 p.add_argument("--demo", action="store_true", help="LSTM only, a short run (~2 min)")
 p.add_argument("--out", default=None, help="results folder (default results/char_lm*/)")
 p.add_argument("--seed", type=int, default=0, help="file split, init and sampling")
-p.add_argument("--models", default="rnn,lstm", help="comma-separated: rnn, lstm")
+p.add_argument("--models", default="rnn,lstm", help="comma-separated: rnn, lstm, min_gru")
 # Data.
 p.add_argument("--train-bytes", type=int, default=1_500_000, help="training text size")
 p.add_argument("--val-bytes", type=int, default=100_000, help="validation text size")
@@ -69,6 +71,9 @@ p.add_argument("--lstm-batch", type=int, default=16, help="parallel streams")
 p.add_argument("--lstm-lr", type=float, default=4e-3,
                help="Adam learning rate (char-rnn's 2e-3 learns slower in a 2-minute budget)")
 p.add_argument("--lstm-clip", type=float, default=1.0, help="global-norm gradient clip")
+# minGRU stack.
+p.add_argument("--min-gru-layers", type=int, default=3, help="stacked minGRU layers")
+p.add_argument("--min-gru-hidden", type=int, default=256, help="hidden units per layer")
 # Sampling.
 p.add_argument("--prime", default="def ", help="text the samples start from")
 p.add_argument("--sample-len", type=int, default=500, help="characters per sample")
@@ -84,7 +89,7 @@ if args.quick:
   name = "char_lm_quick"
   args.train_bytes, args.val_bytes, args.test_bytes = 40_000, 8_000, 8_000
   args.budget, args.eval_every = 2.0, 1.0
-  args.lstm_hidden, args.sample_len = 64, 120
+  args.lstm_hidden, args.min_gru_hidden, args.sample_len = 64, 64, 120
 models = [m for m in args.models.split(",") if m]
 out = results_dir(name, args.out)
 key = jax.random.key(args.seed)
@@ -273,6 +278,11 @@ settings = {
     "lstm": dict(cell=bj.lstm(args.lstm_hidden), k1=args.lstm_k1, batch=args.lstm_batch,
                  reduction="mean", max_norm=args.lstm_clip, chunks_per_batch=4,
                  tx=bj.optimizer(args.lstm_lr, name="adam", max_norm=args.lstm_clip)),
+    "min_gru": dict(cell=bj.stack(*[bj.min_gru(args.min_gru_hidden)
+                                    for _ in range(args.min_gru_layers)]),
+                    k1=args.lstm_k1, batch=args.lstm_batch, reduction="mean",
+                    max_norm=args.lstm_clip, chunks_per_batch=4,
+                    tx=bj.optimizer(args.lstm_lr, name="adam", max_norm=args.lstm_clip)),
 }
 evaluate_bpc = {m: heldout(settings[m]["cell"]) for m in models}
 
@@ -417,7 +427,7 @@ if "lstm" in bpc:
 import matplotlib.pyplot as plt  # noqa: E402 (common chose the Agg backend)
 
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-colors = {"rnn": "tab:blue", "lstm": "tab:red"}
+colors = {"rnn": "tab:blue", "lstm": "tab:red", "min_gru": "tab:green"}
 for m in models:
   c = curves[m]
   ax1.plot(c["updates"], c["train_bpc"], color=colors[m], alpha=0.2, lw=0.7)

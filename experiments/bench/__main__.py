@@ -10,6 +10,7 @@ import sys
 from . import profile, worker
 
 TASKS = {"time": worker.worker_time, "memory": worker.worker_memory,
-         "peak": worker.worker_peak, "profile": profile.worker_profile}
+         "peak": worker.worker_peak,
+         "deer_iters": worker.worker_deer_iters, "profile": profile.worker_profile}
 
 worker.run_worker(json.loads(sys.argv[1]), TASKS)

@@ -18,8 +18,10 @@ class Dims(NamedTuple):
   H: int  # hidden units
 
 
-CELLS = ("rnn", "lstm", "gru")
-GATES = {"rnn": 1, "lstm": 4, "gru": 3}
+CELLS = ("rnn", "lstm", "gru", "min_gru", "min_lstm")
+DEFAULT_CELLS = ("rnn", "lstm", "gru")  # the ones Flax and PyTorch have too
+LINEAR_CELLS = ("min_gru", "min_lstm")  # no recurrent matmul: gates read the input only
+GATES = {"rnn": 1, "lstm": 4, "gru": 3, "min_gru": 2, "min_lstm": 3}
 CONFIGS = {
     "small": Dims(32, 100, 32, 128),
     "medium": Dims(64, 200, 128, 512),
@@ -49,18 +51,31 @@ IMPLS = {
     "torch_malloc": Impl("torch", env=TUNED_MALLOC),
     "bptt_jax_remat": Impl("bptt_jax", {"remat": "sqrt"}),
     "bptt_jax_segmented": Impl("bptt_jax", {"segmented": True}),
+    "bptt_jax_parallel": Impl("bptt_jax", {"method": "parallel"}),
+    "bptt_jax_sequential": Impl("bptt_jax", {"method": "sequential"}),
+    "bptt_jax_deer": Impl("bptt_jax", {"method": "deer"}),
+    "bptt_jax_quasi_deer": Impl("bptt_jax", {"method": "quasi_deer"}),
 }
 DEFAULT_IMPLS = ["bptt_jax", "bptt_jax_bf16", "bptt_jax_malloc", "bptt_jax_autodiff", "flax",
                  "flax_malloc", "torch", "torch_malloc"]
 QUICK_IMPLS = ["bptt_jax", "bptt_jax_bf16", "flax", "torch"]  # every builder, and a dtype= run
 MEMORY_VS_T_IMPLS = ["bptt_jax", "bptt_jax_remat", "bptt_jax_segmented", "flax", "torch"]
+# Parallel in time against T: (cell, impl) pairs, each a process per T.
+PARALLEL_VS_T_CASES = [
+    ("gru", "bptt_jax"), ("lstm", "bptt_jax"),
+    ("min_gru", "bptt_jax_parallel"), ("min_gru", "bptt_jax_sequential"),
+    ("min_lstm", "bptt_jax_parallel"), ("min_lstm", "bptt_jax_sequential"),
+    ("gru", "bptt_jax_deer"), ("gru", "bptt_jax_quasi_deer"),
+]
 TORCH_IMPLS = {name for name, impl in IMPLS.items() if impl.kind == "torch"}
 
 
 def forward_flops(cell: str, dims: Dims) -> float:
-  """Matmul FLOPs of the forward pass: RNN ``2B(D+H)GH`` and readout ``2BHD`` per step."""
+  """Matmul FLOPs of the forward pass: RNN ``2B(D+H)GH`` (minGRU/minLSTM ``2BDGH``: no
+  recurrent matmul) and readout ``2BHD`` per step."""
   B, T, D, H = dims
-  return T * (2 * B * (D + H) * GATES[cell] * H + 2 * B * H * D)
+  recurrent = 0 if cell in LINEAR_CELLS else H
+  return T * (2 * B * (D + recurrent) * GATES[cell] * H + 2 * B * H * D)
 
 
 def flops(cell: str, dims: Dims, mode: str) -> float:
@@ -110,7 +125,8 @@ def bptt_jax_case(cell_name: str, dims: Dims, mode: str, unroll_kwargs: dict) ->
   segmented = unroll_kwargs.pop("segmented", False)
   if "dtype" in unroll_kwargs:
     unroll_kwargs["dtype"] = jnp.dtype(unroll_kwargs["dtype"])
-  make_cell = {"rnn": lambda H: bj.rnn(H, "tanh"), "lstm": bj.lstm, "gru": bj.gru}[cell_name]
+  make_cell = {"rnn": lambda H: bj.rnn(H, "tanh"), "lstm": bj.lstm, "gru": bj.gru,
+               "min_gru": bj.min_gru, "min_lstm": bj.min_lstm}[cell_name]
   cell = make_cell(dims.H)
 
   @jax.jit  # one compile rather than one per eager op

@@ -166,6 +166,49 @@ def memory_vs_T_table(raws: list) -> str:
   return md_table(["T", "impl", "XLA temp MB", "peak RSS rise MB", "ms / step"], table)
 
 
+def parallel_vs_T_table(raws: list) -> str:
+  """One row per (T, cell, impl): XLA temp MB, peak RSS rise MB, ms per step, ÷ fused GRU."""
+  gru_ms = {raw["dims"][1]: step_time_ms(raw) for raw in raws
+            if (raw["cell"], raw["impl"]) == ("gru", "bptt_jax") and "step_ms" in raw}
+  table = []
+  for raw in raws:
+    measured = "step_ms" in raw
+    T = raw["dims"][1]
+    ms = step_time_ms(raw) if measured else None
+    ratio = fmt(ms / gru_ms[T], ".3f") if measured and T in gru_ms else "—"
+    table.append([T, raw["cell"], raw["impl"], fmt(raw.get("xla_temp_mb"), ".4g"),
+                  f"{raw['rss_rise_mb']:.1f}" if measured
+                  else raw.get("skipped", raw.get("error", "failed")[:60]),
+                  fmt(ms, ".1f"), ratio])
+  return md_table(["T", "cell", "impl", "XLA temp MB", "peak RSS rise MB", "ms / step",
+                   "÷ fused GRU"], table)
+
+
+def describe_deer(raw: dict) -> str:
+  if "error" in raw:
+    return "failed: " + raw["error"][-200:]
+  return "  ".join(f"{m}: {raw[m]['iterations']} it, converged {raw[m]['converged']}, "
+                   f"dev {raw[m]['max_deviation']:.1e}, {raw[m]['forward_ms']:.0f} ms"
+                   for m in ("deer", "quasi_deer"))
+
+
+def deer_table(raws: list) -> str:
+  """One row per (T, scale): iterations, convergence, deviation and time of each method."""
+  table = []
+  for raw in raws:
+    row = [raw["dims"][1], raw["scale"]]
+    for m in ("deer", "quasi_deer"):
+      r = raw.get(m)
+      row += (["failed"] * 4 if r is None else
+              [r["iterations"], "yes" if r["converged"] else "no (fell back)",
+               f"{r['max_deviation']:.1e}", f"{r['forward_ms']:.0f}"])
+    row += [fmt(raw.get("sequential_ms"), ".0f")]
+    table.append(row)
+  return md_table(["T", "U scale", "DEER it", "DEER converged", "DEER max dev", "DEER ms",
+                   "quasi it", "quasi converged", "quasi max dev", "quasi ms",
+                   "sequential ms"], table)
+
+
 def profile_section(raw: dict) -> str:
   """A heading, the step time and page faults, and the top kernels of one profiled case."""
   title = f"### {raw['cell']}/{raw['config']}/{raw['mode']}, {raw['impl']}"

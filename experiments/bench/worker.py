@@ -159,6 +159,35 @@ def worker_memory(task: dict) -> dict:
               inherited_peak_mb=task["inherited_peak_mb"], step_ms=times, losses=losses)
 
 
+def worker_deer_iters(task: dict) -> dict:
+  """DEER and quasi-DEER GRU forward solves with ``U`` scaled: iterations, deviation, time."""
+  import jax
+  import jax.numpy as jnp
+
+  import bptt_jax as bj
+
+  dims = Dims(*task["dims"])
+  cell = bj.gru(dims.H)
+  params = cell.init(jax.random.key(0), dims.D)
+  params = dict(params, U=params["U"] * task["scale"])
+  xs = jax.random.normal(jax.random.key(1), (dims.B, dims.T, dims.D))
+  sequential = jax.jit(lambda p, x: bj.unroll(cell, p, x)[1])
+  reference = jax.block_until_ready(sequential(params, xs))
+  result = {"sequential_ms": float(np.median([timed(
+      lambda: jax.block_until_ready(sequential(params, xs)))[0] for _ in range(3)]))}
+  for name, quasi in (("deer", False), ("quasi_deer", True)):
+    method = bj.Deer(quasi=quasi, max_iter=200, fallback="none")
+    solve = jax.jit(lambda p, x, m=method: bj.deer_unroll(cell, p, x, method=m)[1:])
+    hs, info = jax.block_until_ready(solve(params, xs))
+    ms = float(np.median([timed(lambda f=solve: jax.block_until_ready(f(params, xs)))[0]
+                          for _ in range(3)]))
+    result[name] = {"iterations": int(info.iterations), "converged": bool(info.converged),
+                    "residual": float(info.residual),
+                    "max_deviation": float(jnp.max(jnp.abs(hs - reference))),
+                    "forward_ms": ms}
+  return result
+
+
 def matmul_gflops(n: int, repeats: int) -> float:
   """GFLOP/s of the fastest of ``repeats`` float32 ``[n, n] @ [n, n]`` under ``jax.jit``."""
   import jax

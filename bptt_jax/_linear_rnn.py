@@ -1,0 +1,396 @@
+"""Recurrences linear in the state: minGRU, minLSTM and the LRU, unrolled by a parallel scan.
+
+Each of these cells computes, from the inputs alone, two coefficients per step
+and unit, and then runs the element-wise linear recurrence
+
+    s_t = a_t * s_{t-1} + b_t
+
+Every matmul is outside the loop (one ``[T*B, D] x [D, G*H]`` product for all
+steps), and the recurrence itself can be evaluated in two ways:
+
+- ``"parallel"``: ``jax.lax.associative_scan`` over the pairs ``(a_t, b_t)``
+  with the composition ``(a, b) . (a', b') = (a' a, a' b + b')``: ``O(log T)``
+  depth and about ``2 T`` multiply-adds per unit (Blelloch 1990; Martin and
+  Cundy 2018). Pairs are combined as affine maps, so no cumulative product of
+  ``a`` is ever divided by: nothing overflows or underflows as it would in the
+  closed form ``s_t = A_t (s_0 + sum_k b_k / A_k)``, and no log-space form is
+  needed for stability.
+- ``"sequential"``: ``jax.lax.scan``, ``T`` steps of one multiply-add.
+
+Both have a hand-written backward pass (``jax.custom_vjp``): the BPTT adjoint of
+a linear recurrence is a linear recurrence running backwards,
+
+    lambda_t = g_t + a_{t+1} * lambda_{t+1}       (g_t = dL/ds_t from outside)
+    dL/da_t = lambda_t * s_{t-1},  dL/db_t = lambda_t,  dL/ds_0 = a_1 * lambda_1
+
+so it is evaluated by the same kind of scan, reversed. The gradients of the
+cell's weights then follow by autodiff through the (hoisted) input projection:
+a few large matmuls.
+
+Masked steps keep the state: ``a_t = 1`` and ``b_t = 0`` there, by selection.
+
+Shapes: ``T`` time, ``B`` batch, ``D`` inputs, ``H`` hidden units, ``N`` the
+state size (``H`` for minGRU and minLSTM; the LRU's ``state_size``).
+
+References:
+  Feng, Tung, Ahmed, Bengio and Hajimirsadeghi 2024, "Were RNNs All We Needed?".
+  Orvieto, Smith, Gu, Fernando, Gulcehre, Pascanu and De 2023, "Resurrecting
+  Recurrent Neural Networks for Long Sequences".
+  Martin and Cundy 2018, "Parallelizing Linear Recurrent Neural Nets Over
+  Sequence Length".
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from bptt_jax._cells import Cell, _input_init, _row
+from bptt_jax._common import check_positive_int
+
+Array = jax.Array
+
+METHODS = ("parallel", "sequential")
+
+
+class LinearRecurrence(NamedTuple):
+  """How a cell linear in its state maps onto ``s_t = a_t * s_{t-1} + b_t``.
+
+  Attributes:
+    coefficients: ``coefficients(params, xs [T, B, D]) -> (a, b)``, each
+      ``[T, B, N]`` (or broadcastable ``a``, e.g. ``[1, 1, N]``).
+    output: ``output(params, states [T, B, N], xs [T, B, D]) -> hs [T, B, H]``.
+    to_state: ``to_state(carry) -> s [B, N]``.
+    from_state: ``from_state(s [B, N]) -> carry``.
+  """
+
+  coefficients: Callable
+  output: Callable
+  to_state: Callable
+  from_state: Callable
+
+
+def default_method(num_steps: int) -> str:
+  """The linear-recurrence scan used when ``unroll(method=None)``.
+
+  ``"sequential"`` on CPU, where the associative scan's extra passes over
+  memory cost more than its shorter depth saves (measured: the benchmark's
+  ``--parallel-vs-T``); ``"parallel"`` on GPU and TPU, where the ``O(log T)``
+  depth keeps the device busy.
+  """
+  del num_steps
+  return "sequential" if jax.default_backend() == "cpu" else "parallel"
+
+
+def check_method(method: str) -> None:
+  if method not in METHODS:
+    raise ValueError(f"method must be one of {METHODS} for a linear recurrence, got {method!r}")
+
+
+# ----------------------------------------------------------------------------
+# The scan and its hand-written backward pass.
+
+
+def _compose(first, second):
+  """The affine map ``s -> a2 (a1 s + b1) + b2``, as a pair."""
+  a1, b1 = first
+  a2, b2 = second
+  return a2 * a1, a2 * b1 + b2
+
+
+def _solve(method: str, a: Array, b: Array, *, reverse: bool = False, unroll: int = 1) -> Array:
+  """``s_t = a_t s_{t-1} + b_t`` from ``s = 0`` (``reverse``: from the end backwards).
+
+  ``unroll`` is ``jax.lax.scan``'s, for the sequential method.
+  """
+  if method == "parallel":
+    a = jnp.broadcast_to(a, b.shape)
+    return jax.lax.associative_scan(_compose, (a, b), reverse=reverse, axis=0)[1]
+
+  def body(s, ab):
+    a_t, b_t = ab
+    s = a_t * s + b_t
+    return s, s
+
+  a = jnp.broadcast_to(a, b.shape)
+  return jax.lax.scan(body, jnp.zeros_like(b[0]), (a, b), reverse=reverse, unroll=unroll)[1]
+
+
+def _with_start(a, b, s0):
+  """``b`` with ``a_1 s_0`` folded into its first step, so the scan starts from zero."""
+  a0 = jnp.broadcast_to(a[0], b.shape[1:])
+  return jnp.concatenate([(a0 * s0 + b[0])[None], b[1:]], axis=0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def linear_scan(config, a: Array, b: Array, s0: Array) -> Array:
+  """All states of ``s_t = a_t * s_{t-1} + b_t``, ``t = 1..T``, from ``s_0``.
+
+  Args:
+    config: ``(method, unroll)``: ``"parallel"`` (``jax.lax.associative_scan``)
+      or ``"sequential"`` (``jax.lax.scan`` with ``unroll`` steps per
+      iteration); the backward pass is the same kind of scan, reversed.
+    a: ``[T, B, N]`` (or broadcastable to it, e.g. ``[1, 1, N]``).
+    b: ``[T, B, N]``.
+    s0: ``[B, N]``.
+
+  Returns:
+    ``[T, B, N]``: ``s_1 .. s_T``.
+  """
+  method, unroll = config
+  return _solve(method, a, _with_start(a, b, s0), unroll=unroll)
+
+
+def _linear_scan_fwd(config, a, b, s0):
+  states = linear_scan(config, a, b, s0)
+  return states, (a, s0, states)
+
+
+def _linear_scan_bwd(config, res, g):
+  method, unroll = config
+  a, s0, states = res
+  a_full = jnp.broadcast_to(a, g.shape)
+  # lambda_t = g_t + a_{t+1} lambda_{t+1}: a reverse scan with the coefficients shifted by one.
+  a_next = jnp.concatenate([a_full[1:], jnp.zeros_like(a_full[:1])], axis=0)
+  lam = _solve(method, a_next, g, reverse=True, unroll=unroll)
+  s_prev = jnp.concatenate([s0[None], states[:-1]], axis=0)
+  da = lam * s_prev
+  if a.shape != g.shape:  # a was broadcast: sum its gradient back to its shape
+    axes = tuple(i for i, (n, m) in enumerate(zip(a.shape, g.shape)) if n == 1 and m != 1)
+    da = jnp.sum(da, axis=axes, keepdims=True)
+  return da, lam, a_full[0] * lam[0]
+
+
+linear_scan.defvjp(_linear_scan_fwd, _linear_scan_bwd)
+
+
+def run(linear: LinearRecurrence, params, carry, inputs, mask, method: str, unroll: int = 1):
+  """``(carry, hs)`` of a linear-recurrence cell over time-major ``inputs`` ``[T, B, D]``.
+
+  ``mask`` is ``None`` or ``[T, B]`` booleans; masked steps keep the state and
+  output zeros. Masked inputs are already zeros (``unroll`` selects them out).
+  """
+  T = inputs.shape[0]
+  s0 = linear.to_state(carry)
+  if T == 0:
+    return carry, linear.output(params, jnp.zeros((0,) + s0.shape, s0.dtype), inputs)
+  a, b = linear.coefficients(params, inputs)
+  if mask is not None:
+    m = mask[..., None]
+    a = jnp.where(m, a, jnp.ones((), a.dtype))
+    b = jnp.where(m, b, jnp.zeros((), b.dtype))
+  states = linear_scan((method, unroll), a, b, s0)
+  hs = linear.output(params, states, inputs)
+  if mask is not None:
+    hs = jnp.where(mask[..., None], hs, jnp.zeros((), hs.dtype))
+  return linear.from_state(states[-1]), hs
+
+
+def _cell(name, hidden_size, init, initial_carry, linear, hidden, input_size) -> Cell:
+  def step(params, carry, x_t):
+    a, b = linear.coefficients(params, x_t[None])
+    s = a[0] * linear.to_state(carry) + b[0]
+    return linear.from_state(s), linear.output(params, s[None], x_t[None])[0]
+
+  return Cell(init=init, initial_carry=initial_carry, step=step, hidden=hidden,
+              input_size=input_size, hidden_size=hidden_size, name=name, linear=linear)
+
+
+def _zeros(width):
+  def initial_carry(batch_size, dtype=jnp.float32):
+    return jnp.zeros((batch_size, width), dtype)
+  return initial_carry
+
+
+def _identity(x):
+  return x
+
+
+def _dense(key, input_size, width, input_init, dtype):
+  check_positive_int("input_size", input_size)
+  return {"W": _input_init(input_init)(key, (input_size, width), dtype),
+          "b": jnp.zeros((width,), dtype)}
+
+
+def _affine(params, xs):
+  xw = xs @ params["W"]
+  return xw + _row(params["b"], xw)
+
+
+# ----------------------------------------------------------------------------
+# Cells.
+
+
+def min_gru(hidden_size: int, *, input_init="glorot_uniform", dtype=jnp.float32) -> Cell:
+  r"""minGRU (Feng et al. 2024): a GRU whose gates read the input only.
+
+  .. math::
+
+    [k_t, \tilde h_t] = x_t W + b \qquad z_t = \sigma(k_t) \\
+    h_t = (1 - z_t) h_{t-1} + z_t \tilde h_t
+
+  Linear in ``h``: ``a_t = 1 - z_t = sigma(-k_t)``, ``b_t = z_t h~_t``, so
+  :func:`bptt_jax.unroll` evaluates it with a parallel or a sequential scan
+  (``method=``) and a hand-written backward pass; ``fused=False`` runs the
+  plain step under ``lax.scan`` with autodiff instead.
+
+  Params: ``W`` ``[D, 2H]`` (blocks ``k``, ``h~``), ``b`` ``[2H]``. The carry
+  is ``h`` ``[B, H]``.
+
+  Args:
+    hidden_size: ``H``.
+    input_init: ``"glorot_uniform"``, ``"lecun_normal"`` or an initializer.
+    dtype: parameter dtype.
+
+  Returns:
+    A :class:`bptt_jax.Cell`.
+
+  References:
+    Feng et al. 2024, "Were RNNs All We Needed?", section 3.1.
+  """
+  check_positive_int("hidden_size", hidden_size)
+  _input_init(input_init)
+
+  def coefficients(params, xs):
+    k, h_tilde = jnp.split(_affine(params, xs), 2, axis=-1)
+    return jax.nn.sigmoid(-k), jax.nn.sigmoid(k) * h_tilde
+
+  linear = LinearRecurrence(coefficients, lambda params, s, xs: s, _identity, _identity)
+  return _cell("min_gru", hidden_size,
+               lambda key, d: _dense(key, d, 2 * hidden_size, input_init, dtype),
+               _zeros(hidden_size), linear, _identity, lambda p: p["W"].shape[0])
+
+
+def min_lstm(hidden_size: int, *, input_init="glorot_uniform", dtype=jnp.float32) -> Cell:
+  r"""minLSTM (Feng et al. 2024) with the paper's normalized gates.
+
+  .. math::
+
+    [f_t, i_t, \tilde h_t] = x_t W + b \\
+    f'_t = \frac{\sigma(f_t)}{\sigma(f_t) + \sigma(i_t)} \qquad
+    i'_t = \frac{\sigma(i_t)}{\sigma(f_t) + \sigma(i_t)} \\
+    h_t = f'_t h_{t-1} + i'_t \tilde h_t
+
+  The normalized gates are computed in log space,
+  ``f' = sigmoid(softplus(-i) - softplus(-f))`` and ``i' = 1 - f'`` written
+  the same way, which stays exact where ``sigma(f)`` and ``sigma(i)`` both
+  underflow.
+
+  Params: ``W`` ``[D, 3H]`` (blocks ``f``, ``i``, ``h~``), ``b`` ``[3H]``.
+  The carry is ``h`` ``[B, H]``.
+
+  Returns:
+    A :class:`bptt_jax.Cell`.
+
+  References:
+    Feng et al. 2024, "Were RNNs All We Needed?", section 3.2.
+  """
+  check_positive_int("hidden_size", hidden_size)
+  _input_init(input_init)
+
+  def coefficients(params, xs):
+    f, i, h_tilde = jnp.split(_affine(params, xs), 3, axis=-1)
+    log_ratio = jax.nn.softplus(-i) - jax.nn.softplus(-f)  # log(sigma(f) / sigma(i))
+    return jax.nn.sigmoid(log_ratio), jax.nn.sigmoid(-log_ratio) * h_tilde
+
+  linear = LinearRecurrence(coefficients, lambda params, s, xs: s, _identity, _identity)
+  return _cell("min_lstm", hidden_size,
+               lambda key, d: _dense(key, d, 3 * hidden_size, input_init, dtype),
+               _zeros(hidden_size), linear, _identity, lambda p: p["W"].shape[0])
+
+
+def lru(hidden_size: int, state_size: int | None = None, *, r_min: float = 0.0,
+        r_max: float = 1.0, max_phase: float = 2 * math.pi, dtype=jnp.float32) -> Cell:
+  r"""Linear Recurrent Unit (Orvieto et al. 2023): a diagonal complex recurrence.
+
+  .. math::
+
+    \lambda = \exp(-\exp(\nu) + i \exp(\theta)) \qquad \gamma = \exp(\gamma_{\log}) \\
+    s_t = \lambda \odot s_{t-1} + \gamma \odot (x_t B) \qquad
+    y_t = \mathrm{Re}(s_t C) + D \odot x_t
+
+  with ``B = B_re + i B_im``, ``C = C_re + i C_im``. Initialization as in the
+  paper: ``|lambda|`` uniform on the ring ``[r_min, r_max]`` (``nu_log``),
+  phases uniform in ``[0, max_phase]`` (``theta_log``), ``gamma`` the
+  normalization ``sqrt(1 - |lambda|^2)`` (trainable, stored as its log), ``B``
+  and ``C`` Glorot-scaled normal, ``D`` standard normal.
+
+  The LRU maps ``H`` features to ``H`` (the skip ``D`` is diagonal), so its
+  input size is ``H``; put a dense encoder in front of it for other inputs.
+
+  Params: ``nu_log``, ``theta_log``, ``gamma_log`` ``[N]``; ``B_re``, ``B_im``
+  ``[H, N]``; ``C_re``, ``C_im`` ``[N, H]``; ``D`` ``[H]``. The carry is the
+  complex state as real numbers, ``[B, 2N]`` (real parts, then imaginary
+  parts), so masks, dtype casts and truncated BPTT treat it like any carry;
+  ``unroll`` returns ``y`` ``[B, T, H]``.
+
+  Args:
+    hidden_size: ``H``, the input and output features.
+    state_size: ``N``, the complex state size; ``H`` by default.
+    r_min, r_max: the ring of initial ``|lambda|``, ``0 <= r_min < r_max <= 1``.
+    max_phase: the largest initial phase of ``lambda``.
+    dtype: parameter dtype (the state is complex of the matching width).
+
+  Returns:
+    A :class:`bptt_jax.Cell`.
+
+  Raises:
+    ValueError: a non-positive size or a ring outside ``[0, 1]``.
+
+  References:
+    Orvieto et al. 2023, "Resurrecting Recurrent Neural Networks for Long
+    Sequences", section 3 and appendix A.
+  """
+  check_positive_int("hidden_size", hidden_size)
+  N = hidden_size if state_size is None else state_size
+  check_positive_int("state_size", N)
+  if not 0.0 <= r_min < r_max <= 1.0:
+    raise ValueError(f"the ring needs 0 <= r_min < r_max <= 1, got r_min={r_min}, r_max={r_max}")
+  if not max_phase > 0:
+    raise ValueError(f"max_phase must be positive, got {max_phase}")
+  H = hidden_size
+
+  def init(key, input_size):
+    check_positive_int("input_size", input_size)
+    if input_size != H:
+      raise ValueError(
+          f"lru maps H = {H} features to H (its skip D is diagonal): input_size must be "
+          f"{H}, got {input_size}; put a dense encoder in front")
+    k_nu, k_th, k_bre, k_bim, k_cre, k_cim, k_d = jax.random.split(key, 7)
+    u1 = jax.random.uniform(k_nu, (N,), dtype)
+    u2 = jax.random.uniform(k_th, (N,), dtype)
+    nu_log = jnp.log(-0.5 * jnp.log(u1 * (r_max ** 2 - r_min ** 2) + r_min ** 2))
+    theta_log = jnp.log(max_phase * u2)
+    gamma_log = 0.5 * jnp.log1p(-jnp.exp(-2.0 * jnp.exp(nu_log)))  # log sqrt(1 - |lambda|^2)
+    normal = jax.random.normal
+    return {
+        "nu_log": nu_log, "theta_log": theta_log, "gamma_log": gamma_log,
+        "B_re": normal(k_bre, (H, N), dtype) / math.sqrt(2 * H),
+        "B_im": normal(k_bim, (H, N), dtype) / math.sqrt(2 * H),
+        "C_re": normal(k_cre, (N, H), dtype) / math.sqrt(N),
+        "C_im": normal(k_cim, (N, H), dtype) / math.sqrt(N),
+        "D": normal(k_d, (H,), dtype),
+    }
+
+  def coefficients(params, xs):
+    lam = jnp.exp(-jnp.exp(params["nu_log"]) + 1j * jnp.exp(params["theta_log"]))
+    gamma = jnp.exp(params["gamma_log"])
+    bx = (xs @ params["B_re"]) * _row(gamma, xs) + 1j * ((xs @ params["B_im"]) * _row(gamma, xs))
+    return lam.reshape((1,) * (xs.ndim - 1) + lam.shape), bx
+
+  def output(params, states, xs):
+    y = states.real @ params["C_re"] - states.imag @ params["C_im"]
+    return y + xs * _row(params["D"], xs)
+
+  def to_state(carry):
+    return jax.lax.complex(carry[..., :N], carry[..., N:])
+
+  def from_state(s):
+    return jnp.concatenate([s.real, s.imag], axis=-1)
+
+  linear = LinearRecurrence(coefficients, output, to_state, from_state)
+  return _cell("lru", H, init, _zeros(2 * N), linear, _identity, lambda p: p["B_re"].shape[0])
