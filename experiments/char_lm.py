@@ -384,7 +384,7 @@ for m in models:
   cell = settings[m]["cell"]
   template = {"state": bj.TrainState.create(trained[m], settings[m]["tx"],
                                             carry=cell.initial_carry(settings[m]["batch"])),
-              "epoch": 0, "position": 0, "step": 0, "key": jax.random.key_data(key)}
+              "epoch": 0, "position": 0, "step": 0, "key": key}
   step_at, restored = bj.restore_latest(os.path.join(out, "checkpoints", m), template)
   params = restored["state"].params
   assert jax.tree_util.tree_all(jax.tree_util.tree_map(np.array_equal, params, trained[m]))
