@@ -33,10 +33,9 @@ import jax.numpy as jnp
 
 from bptt_jax._cells import Cell, as_cell
 from bptt_jax._common import (
-    check_lengths,
     check_positive_int,
-    length_mask,
     select_steps,
+    step_mask,
     where_rows,
 )
 
@@ -212,22 +211,15 @@ def source_mask(memory, *, lengths=None, mask=None) -> Array:
   """The ``[B, S]`` mask of valid source positions (all true if neither is given).
 
   Raises:
-    ValueError, TypeError: as :func:`bptt_jax.length_mask` and the lengths checks.
+    ValueError, TypeError: as the lengths and mask checks of :func:`bptt_jax.unroll`.
   """
   if not hasattr(memory, "ndim") or memory.ndim != 3:
     raise ValueError(
         f"memory must be encoder states [B, S, M], got "
         f"{getattr(memory, 'shape', type(memory).__name__)}")
   B, S = memory.shape[:2]
-  if lengths is not None and mask is not None:
-    raise ValueError("give lengths or mask, not both")
-  if lengths is not None:
-    return length_mask(check_lengths(lengths, B, S), S)
-  if mask is not None:
-    if tuple(jnp.shape(mask)) != (B, S):
-      raise ValueError(f"mask must have shape [B, S] = {(B, S)}, got {tuple(jnp.shape(mask))}")
-    return jnp.asarray(mask, bool)
-  return jnp.ones((B, S), bool)
+  valid = step_mask(B, S, lengths=lengths, mask=mask)
+  return jnp.ones((B, S), bool) if valid is None else valid
 
 
 def _context(weights, memory):
