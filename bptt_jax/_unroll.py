@@ -355,10 +355,11 @@ def _special_runner(cell, params, *, hoist, unroll, fused, method):
         f"{cell.name} is not linear in its state: method='parallel' is for min_gru, "
         "min_lstm and lru; use 'deer' or 'quasi_deer' for a parallel-in-time solve")
   deer = _deer.as_deer(method)
-  if fused or hoist is not None:
+  if fused or hoist is not None or unroll != 1:
     raise ValueError(
         f"method={method!r} evaluates the step for all time steps at once: it takes "
-        f"neither fused=True nor hoist= (got fused={fused!r}, hoist={hoist!r})")
+        f"neither fused=True, hoist= nor unroll= (got fused={fused!r}, hoist={hoist!r}, "
+        f"unroll={unroll!r})")
 
   def run_deer(carry, inputs, mask):
     carry, hs, _ = _deer.run(cell, deer, params, carry, inputs, mask)

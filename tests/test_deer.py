@@ -140,7 +140,8 @@ def test_stack_of_gru_layers_by_deer():
 
 
 @pytest.mark.parametrize("make,kwargs,match", [
-    (lambda: bj.gru(H), {"method": "deer", "fused": True}, "neither fused=True nor hoist="),
+    (lambda: bj.gru(H), {"method": "deer", "fused": True}, "neither fused=True, hoist= nor"),
+    (lambda: bj.gru(H), {"method": "quasi_deer", "unroll": 4}, r"nor unroll= .*unroll=4\)"),
     (lambda: bj.gru(H), {"method": "newton"}, "expected 'deer', 'quasi_deer'"),
     (lambda: bj.gru(H), {"method": bj.Deer(max_iter=0)}, "max_iter must be a positive int"),
     (lambda: bj.gru(H), {"method": bj.Deer(tol=-1.0)}, "tol must be a positive number"),
