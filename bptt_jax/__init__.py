@@ -29,6 +29,9 @@ from bptt_jax._deer import DeerInfo as DeerInfo
 from bptt_jax._fit import NonFiniteError as NonFiniteError
 from bptt_jax._fit import fit as fit
 from bptt_jax._flax import NNXRNN as NNXRNN
+from bptt_jax._kernel import KernelStatus as KernelStatus
+from bptt_jax._kernel import kernels as kernels
+from bptt_jax._kernel import use_kernels as use_kernels
 from bptt_jax._flax import LinenRNN as LinenRNN
 from bptt_jax._flax import from_flax as from_flax
 from bptt_jax._flax import from_flax_weights as from_flax_weights
@@ -88,10 +91,11 @@ __all__ = [
     "bidirectional_stack", "cell_model", "compute_dtype", "data", "deer_unroll", "default_hoist",
     "default_linear_method", "dot_attention", "final_loss", "fit", "from_flax",
     "from_flax_weights", "from_keras", "from_torch", "general_attention", "gradient_flow",
-    "greedy_decode", "gru", "guard", "init_readout", "irnn", "jacobian_norms", "last_step",
+    "greedy_decode", "gru", "guard", "init_readout", "irnn", "jacobian_norms", "kernels",
+    "KernelStatus", "last_step",
     "length_mask", "linear_scan", "load_checkpoint", "lru", "lstm", "min_gru", "min_lstm",
     "model_loss", "mse", "optimizer", "readout", "restore_latest", "rnn", "rnn_bptt",
     "rnn_value_and_grad", "save_checkpoint", "segmented_loss", "seq2seq", "seq2seq_loss",
     "sequence_loss", "sharding", "sigmoid_binary_cross_entropy", "softmax_cross_entropy", "stack",
-    "stream_carry", "tbptt_step", "to_flax_weights", "train_step", "unroll",
+    "stream_carry", "tbptt_step", "to_flax_weights", "train_step", "unroll", "use_kernels",
 ]

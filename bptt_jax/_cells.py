@@ -21,7 +21,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from bptt_jax import _fused
+from bptt_jax import _fused, _kernel
 from bptt_jax._common import LSTMState, check_positive_int
 
 Array = jax.Array
@@ -213,9 +213,12 @@ def _make(name, hidden_size, layer_norm, init, initial_carry, recur, hidden,
   )
 
 
-def _by_unroll(fused_sequence):
-  """``sequence(params, xs, carry, mask, unroll=1)`` from ``fused(unroll, ...)``."""
+def _by_unroll(name, fused_sequence):
+  """``sequence(params, xs, carry, mask, unroll=1)``: oneDNN's kernel where it applies,
+  else ``fused(unroll, ...)``."""
   def sequence(params, xs, carry, mask, unroll=1):
+    if _kernel.usable(name, params, xs, carry, mask):
+      return _kernel.sequence(name, params, xs, carry)
     return fused_sequence(unroll, params, xs, carry, mask)
   return sequence
 
@@ -281,6 +284,8 @@ def rnn(hidden_size: int, activation: str = "tanh", *, layer_norm: bool = False,
     return h, h
 
   def sequence(params, xs, carry, mask, unroll=1):
+    if _kernel.usable(f"rnn_{activation}", params, xs, carry, mask):
+      return _kernel.sequence(f"rnn_{activation}", params, xs, carry)
     return _fused.rnn_sequence((activation, unroll), params, xs, carry, mask)
 
   return _make(f"rnn_{activation}", hidden_size, layer_norm, init,
@@ -352,7 +357,7 @@ def lstm(hidden_size: int, *, layer_norm: bool = False, forget_bias: float = 1.0
     return LSTMState(h, c), h
 
   return _make("lstm", H, layer_norm, init, initial_carry, recur,
-               lambda carry: carry.h, _by_unroll(_fused.lstm_sequence))
+               lambda carry: carry.h, _by_unroll("lstm", _fused.lstm_sequence))
 
 
 def gru(hidden_size: int, *, layer_norm: bool = False,
@@ -401,7 +406,7 @@ def gru(hidden_size: int, *, layer_norm: bool = False,
     return h, h
 
   return _make("gru", H, layer_norm, init, _zeros_carry(H), recur, lambda h: h,
-               _by_unroll(_fused.gru_sequence))
+               _by_unroll("gru", _fused.gru_sequence))
 
 
 # ----------------------------------------------------------------------------

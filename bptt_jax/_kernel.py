@@ -1,0 +1,312 @@
+"""oneDNN's whole-sequence RNN, LSTM and GRU kernels, called from XLA:CPU.
+
+XLA:CPU runs ``lax.scan`` one step at a time, with a fixed cost per iteration
+and per kernel. oneDNN's RNN primitives run the whole sequence (forward, and
+the backward pass from a workspace the forward keeps) as one call, with the
+per-step matmuls batched and the gate arithmetic fused. This module builds a
+small C++ extension (``csrc/onednn_rnn.cc``) that exposes them as XLA FFI
+handlers, and ties the two into a ``jax.custom_vjp``.
+
+The extension is compiled on first use (or by ``make``) with the system C++
+compiler against the oneDNN that the ``kernels`` extra installs
+(``onednn-cpu-gomp``, ``onednn-devel-cpu-gomp``), and cached in
+``$BPTT_JAX_CACHE`` (default ``~/.cache/bptt_jax``) under a name that hashes
+the source, the compiler and the jaxlib and oneDNN it was built against. If
+anything is missing or the build fails, :func:`bptt_jax.unroll` keeps the JAX
+paths and :func:`kernels` says why.
+
+:func:`bptt_jax.unroll` uses the kernels for the built-in ``rnn`` (tanh,
+ReLU), ``lstm`` and ``gru`` without layer norm when all of these hold: the
+backend is the CPU with one device, no mask is needed (no ``lengths`` or
+``mask``), every array is float32 and the fused path is chosen (``fused`` not
+``False``, ``hoist`` not ``True``). ``use_kernels(False)`` or
+``BPTT_JAX_KERNELS=0`` turns them off. The choice is made when a function is
+traced.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+_SOURCE = Path(__file__).parent / "csrc" / "onednn_rnn.cc"
+_KINDS = {"rnn_tanh": 0, "rnn_relu": 1, "lstm": 2, "gru": 3}
+_PARAM_KEYS = {"rnn_tanh": {"W", "U", "b"}, "rnn_relu": {"W", "U", "b"},
+               "lstm": {"W", "U", "b"}, "gru": {"W", "U", "b", "b_hn"}}
+
+
+class KernelStatus(NamedTuple):
+  """Which path :func:`bptt_jax.unroll` takes for the built-in cells on the CPU.
+
+  Attributes:
+    active: whether the oneDNN kernels are used (where they apply).
+    backend: ``"onednn"`` or ``"jax"``.
+    reason: why, in words.
+    library: the compiled extension's path, or ``None``.
+    onednn_version: e.g. ``"3.2.0"``, or ``None``.
+    threads: oneDNN's OpenMP threads, or ``None``.
+  """
+
+  active: bool
+  backend: str
+  reason: str
+  library: str | None = None
+  onednn_version: str | None = None
+  threads: int | None = None
+
+
+_enabled = [True]
+_lock = threading.Lock()
+_loaded: list = []  # [(library or None, reason)] once tried
+
+
+class use_kernels:  # noqa: N801 (a function that is also a context manager)
+  """Turns the oneDNN kernels on or off; as a context manager, restores the setting on exit.
+
+  ``bptt_jax.use_kernels(False)`` sets it for the process;
+  ``with bptt_jax.use_kernels(False): ...`` only inside the block. The setting
+  is read when a function is traced: a function jitted before the change keeps
+  the path it was compiled with.
+  """
+
+  def __init__(self, enabled: bool):
+    if not isinstance(enabled, bool):
+      raise TypeError(f"use_kernels takes True or False, got {enabled!r}")
+    self._previous = _enabled[0]
+    _enabled[0] = enabled
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    _enabled[0] = self._previous
+    return False
+
+
+def _cache_dir() -> Path:
+  if os.environ.get("BPTT_JAX_CACHE"):
+    return Path(os.environ["BPTT_JAX_CACHE"])
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return Path(base) / "bptt_jax"
+
+
+def _find_onednn():
+  """``(include_dir, lib_dir)`` of a oneDNN with its C++ headers, or ``None``."""
+  roots = [os.environ.get("DNNL_ROOT"), os.environ.get("ONEDNN_ROOT"), sys.prefix,
+           sys.base_prefix, "/usr/local", "/usr"]
+  for root in filter(None, roots):
+    include = Path(root) / "include"
+    if not (include / "oneapi" / "dnnl" / "dnnl.hpp").exists():
+      continue
+    for lib in (Path(root) / "lib", Path(root) / "lib64", Path(root) / "lib" / "x86_64-linux-gnu"):
+      if (lib / "libdnnl.so.3").exists() or (lib / "libdnnl.so").exists():
+        return include, lib
+  return None
+
+
+def _build() -> tuple[Path | None, str]:
+  """Compiles the extension into the cache if it is not there; ``(path, reason)``."""
+  if not sys.platform.startswith("linux"):
+    return None, f"the oneDNN kernels are built on Linux only (this is {sys.platform})"
+  found = _find_onednn()
+  if found is None:
+    return None, ("oneDNN was not found (install the kernels extra: "
+                  "pip install 'bptt_jax[kernels]', or set DNNL_ROOT)")
+  include, lib = found
+  compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+  if compiler is None:
+    return None, "no C++ compiler (g++ or $CXX) to build the oneDNN kernels"
+  flags = ["-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp",
+           f"-I{jax.ffi.include_dir()}", f"-I{include}", f"-L{lib}", f"-Wl,-rpath,{lib}"]
+  digest = hashlib.sha256()
+  for part in (_SOURCE.read_bytes(), compiler.encode(), " ".join(flags).encode(),
+               jax.__version__.encode(), str((lib / "libdnnl.so.3").resolve()).encode()):
+    digest.update(part)
+  cache = _cache_dir()
+  target = cache / f"onednn_rnn-{digest.hexdigest()[:16]}.so"
+  if target.exists():
+    return target, "cached"
+  try:
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / (target.name + ".lock"), "w") as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)  # one build when several processes start at once
+      if target.exists():
+        return target, "cached"
+      partial = target.with_suffix(f".{os.getpid()}.tmp")
+      run = subprocess.run([compiler, str(_SOURCE), *flags, "-o", str(partial), "-ldnnl"],
+                           capture_output=True, text=True, timeout=600)
+      if run.returncode != 0:
+        partial.unlink(missing_ok=True)
+        tail = "\n".join(run.stderr.strip().splitlines()[-5:])
+        return None, f"building the oneDNN kernels failed ({compiler}):\n{tail}"
+      os.replace(partial, target)
+  except (OSError, subprocess.SubprocessError) as e:
+    return None, f"building the oneDNN kernels failed: {e}"
+  return target, "built"
+
+
+def _library():
+  """The loaded extension (targets registered) or ``None``, and the reason."""
+  with _lock:
+    if not _loaded:
+      path, reason = _build()
+      lib = None
+      if path is not None:
+        try:
+          lib = ctypes.CDLL(str(path))
+          lib.bptt_rnn_workspace_bytes.restype = ctypes.c_int64
+          lib.bptt_rnn_workspace_bytes.argtypes = [ctypes.c_int64] * 5 + [
+              ctypes.c_char_p, ctypes.c_int64]
+          lib.bptt_rnn_threads.restype = ctypes.c_int64
+          for name, symbol in (("bptt_rnn_forward", lib.BpttRnnForward),
+                               ("bptt_rnn_backward", lib.BpttRnnBackward)):
+            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
+          reason = f"oneDNN kernels loaded from {path}"
+        except (OSError, AttributeError) as e:
+          lib, reason = None, f"loading the oneDNN kernels failed: {e}"
+      _loaded.append((lib, reason))
+    return _loaded[0]
+
+
+def kernels() -> KernelStatus:
+  """Which path the built-in cells take on this machine, and why.
+
+  Builds (or loads from the cache) the extension if that has not happened yet.
+
+  Returns:
+    A :class:`KernelStatus`. ``backend="onednn"`` means :func:`bptt_jax.unroll`
+    runs the RNN, LSTM and GRU through oneDNN where they apply (see
+    :mod:`bptt_jax._kernel`); ``"jax"`` means the pure-JAX fused path, with the
+    reason (turned off, not on the CPU, several devices, not built).
+  """
+  off = _off_reason()
+  if off is not None:
+    return KernelStatus(False, "jax", off)
+  lib, reason = _library()
+  if lib is None:
+    return KernelStatus(False, "jax", reason)
+  version = (ctypes.c_int64 * 3)()
+  lib.bptt_rnn_onednn_version(version)
+  return KernelStatus(True, "onednn", reason, lib._name, ".".join(map(str, version)),
+                      int(lib.bptt_rnn_threads()))
+
+
+def _off_reason() -> str | None:
+  if os.environ.get("BPTT_JAX_KERNELS", "1").strip().lower() in ("0", "false", "off", "no"):
+    return "turned off by BPTT_JAX_KERNELS=0"
+  if not _enabled[0]:
+    return "turned off by bptt_jax.use_kernels(False)"
+  if jax.default_backend() != "cpu":
+    return f"the default backend is {jax.default_backend()}, not the CPU"
+  if jax.device_count() != 1:
+    return (f"{jax.device_count()} devices: the kernel does not split a batch over devices, "
+            "so sharded computations keep the JAX path")
+  return None
+
+
+def usable(name: str, params, xs, carry, mask) -> bool:
+  """Whether the kernel runs cell ``name`` here (decided at trace time)."""
+  if name not in _KINDS or mask is not None or _off_reason() is not None:
+    return False
+  if not isinstance(params, dict) or set(params) != _PARAM_KEYS[name]:
+    return False
+  arrays = [xs, *jax.tree_util.tree_leaves(carry), *params.values()]
+  if any(getattr(a, "dtype", None) != jnp.float32 for a in arrays):
+    return False
+  if xs.ndim != 3 or xs.shape[0] == 0 or xs.shape[1] == 0 or xs.shape[2] == 0:
+    return False
+  return _library()[0] is not None
+
+
+def sequence(name: str, params, xs: Array, carry):
+  """``(carry at T, hs)`` of a built-in cell over time-major ``xs`` ``[T, B, D]`` by oneDNN.
+
+  Only call where :func:`usable` is true. The GRU's gate blocks go from
+  ``(r, z, n)`` to oneDNN's ``(z, r, n)`` and its bias gains ``b_hn`` as a
+  fourth row; autodiff carries the gradients back through those permutations.
+  """
+  kind = _KINDS[name]
+  W, U, b = params["W"], params["U"], params["b"]
+  if name == "gru":
+    H = U.shape[0]
+    swap = lambda m: jnp.concatenate([m[..., H:2 * H], m[..., :H], m[..., 2 * H:]], -1)  # noqa: E731
+    W, U, b = swap(W), swap(U), jnp.concatenate([swap(b), params["b_hn"]])
+  if name == "lstm":
+    h0, c0 = carry.h, carry.c
+  else:
+    h0, c0 = carry, jnp.zeros((0,), jnp.float32)
+  hs, h_T, c_T = _rnn(kind, W, U, b, xs, h0, c0)
+  final = carry._replace(h=h_T, c=c_T) if name == "lstm" else h_T
+  return final, hs
+
+
+def _workspace_bytes(kind, T, B, D, H) -> int:
+  lib = _library()[0]
+  error = ctypes.create_string_buffer(512)
+  size = lib.bptt_rnn_workspace_bytes(kind, T, B, D, H, error, len(error))
+  if size < 0:
+    raise ValueError(f"oneDNN refused the shape (T, B, D, H) = {(T, B, D, H)}: "
+                     f"{error.value.decode()}")
+  return int(size)
+
+
+def _forward(kind, training, W, U, b, xs, h0, c0):
+  T, B, D = xs.shape
+  H = h0.shape[-1]
+  workspace = _workspace_bytes(kind, T, B, D, H) if training else 0
+  f32 = jnp.float32
+  out = (jax.ShapeDtypeStruct((T, B, H), f32), jax.ShapeDtypeStruct((B, H), f32),
+         jax.ShapeDtypeStruct(c0.shape, f32), jax.ShapeDtypeStruct((workspace,), jnp.uint8))
+  call = jax.ffi.ffi_call("bptt_rnn_forward", out, vmap_method="sequential")
+  return call(xs, h0, c0, W, U, b, kind=np.int64(kind), training=np.int64(training))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _rnn(kind, W, U, b, xs, h0, c0):
+  return _forward(kind, False, W, U, b, xs, h0, c0)[:3]
+
+
+def _rnn_fwd(kind, W, U, b, xs, h0, c0):
+  hs, h_T, c_T, workspace = _forward(kind, True, W, U, b, xs, h0, c0)
+  return (hs, h_T, c_T), (W, U, b, xs, h0, c0, hs, h_T, c_T, workspace)
+
+
+def _rnn_bwd(kind, residuals, cotangents):
+  dxs, dh0, dc0, dW, dU, db = _backward(kind, residuals, cotangents)
+  return dW, dU, db, dxs, dh0, dc0
+
+
+_rnn.defvjp(_rnn_fwd, _rnn_bwd)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _backward(kind, residuals, cotangents):
+  W, U, b, xs, h0, c0, hs, h_T, c_T, workspace = residuals
+  dhs, dh_T, dc_T = cotangents
+  out = tuple(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (xs, h0, c0, W, U, b))
+  call = jax.ffi.ffi_call("bptt_rnn_backward", out, vmap_method="sequential")
+  return call(xs, h0, c0, W, U, b, hs, h_T, c_T, workspace, dhs, dh_T, dc_T,
+              kind=np.int64(kind))
+
+
+@_backward.defjvp
+def _backward_jvp(kind, primals, tangents):
+  raise TypeError(
+      "second derivatives through the oneDNN sequence kernel are not available: use "
+      "bptt_jax.unroll(..., fused=False) (autodiff through lax.scan), or turn the kernels "
+      "off with bptt_jax.use_kernels(False)")
