@@ -11,7 +11,8 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,experiments]'
+	$(PY) -m pip install -q -e '.[dev,experiments,kernels]'
+	$(PY) -c "import bptt_jax; print(bptt_jax.kernels().reason)"  # builds the CPU kernels
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -265,6 +265,7 @@ def _workspace_bytes(kind, T, B, D, H) -> int:
   return int(size)
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
 def _forward(kind, training, W, U, b, xs, h0, c0):
   T, B, D = xs.shape
   H = h0.shape[-1]
@@ -304,9 +305,12 @@ def _backward(kind, residuals, cotangents):
               kind=np.int64(kind))
 
 
-@_backward.defjvp
-def _backward_jvp(kind, primals, tangents):
+def _no_second_derivative(*args):
   raise TypeError(
       "second derivatives through the oneDNN sequence kernel are not available: use "
       "bptt_jax.unroll(..., fused=False) (autodiff through lax.scan), or turn the kernels "
       "off with bptt_jax.use_kernels(False)")
+
+
+_forward.defjvp(_no_second_derivative)
+_backward.defjvp(_no_second_derivative)

@@ -42,6 +42,8 @@ TUNED_MALLOC = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0",
 IMPLS = {
     "bptt_jax": Impl("bptt_jax"),
     "bptt_jax_bf16": Impl("bptt_jax", {"dtype": "bfloat16"}),
+    "bptt_jax_fused": Impl("bptt_jax", env={"BPTT_JAX_KERNELS": "0"}),  # pure JAX, no oneDNN
+    "bptt_jax_fused_malloc": Impl("bptt_jax", env={"BPTT_JAX_KERNELS": "0", **TUNED_MALLOC}),
     "bptt_jax_malloc": Impl("bptt_jax", env=TUNED_MALLOC),
     "bptt_jax_autodiff": Impl("bptt_jax", {"fused": False}),
     "bptt_jax_hoisted": Impl("bptt_jax", {"fused": False, "hoist": True}),
@@ -271,4 +273,7 @@ def framework_info(impl: Impl) -> dict:
     return {"torch": torch.__version__, "threads": torch.get_num_threads()}
   import jax
 
-  return {"jax": jax.__version__, "backend": jax.default_backend()}
+  import bptt_jax
+
+  return {"jax": jax.__version__, "backend": jax.default_backend(),
+          "kernels": bptt_jax.kernels().backend}

@@ -1,0 +1,222 @@
+"""Tests for bptt_jax/_kernel.py: oneDNN's sequence kernels.
+
+References: the pure-JAX fused path (hand-written backward), autodiff through
+``lax.scan`` (``fused=False``), and PyTorch's own nn.RNN/LSTM/GRU with the
+same weights. Everything in float32, the dtype the kernels run.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import bptt_jax as bj
+from bptt_jax import _kernel
+
+STATUS = bj.kernels()
+needs_kernels = pytest.mark.skipif(
+    not STATUS.active, reason=f"the oneDNN kernels are not available here: {STATUS.reason}")
+
+CELLS = {"rnn_tanh": lambda H: bj.rnn(H, "tanh"), "rnn_relu": lambda H: bj.rnn(H, "relu"),
+         "lstm": bj.lstm, "gru": bj.gru}
+SHAPES = [(4, 7, 3, 5), (1, 1, 2, 3), (3, 1, 4, 17), (1, 9, 1, 13), (2, 6, 16, 32)]  # B, T, D, H
+TOL = dict(rtol=2e-5, atol=2e-6)
+
+
+def _setup(name, B, T, D, H, seed=0):
+  cell = CELLS[name](H)
+  keys = jax.random.split(jax.random.key(seed), 6)
+  params = cell.init(keys[0], D)
+  # Biases (and b_hn) away from zero, so every term of the gradient is exercised.
+  params = {k: v + 0.2 * jax.random.normal(keys[1], v.shape) if k.startswith("b") else v
+            for k, v in params.items()}
+  xs = jax.random.normal(keys[2], (B, T, D))
+  leaves, tree = jax.tree_util.tree_flatten(cell.initial_carry(B))
+  carry = jax.tree_util.tree_unflatten(tree, [
+      0.5 * jax.random.normal(k, leaf.shape)
+      for k, leaf in zip(jax.random.split(keys[3], len(leaves)), leaves)])
+  cot = jax.random.normal(keys[4], (B, T, H))
+  return cell, params, xs, carry, cot
+
+
+def _loss(cell, **kwargs):
+  def loss(params, xs, carry, cot):
+    final, hs = bj.unroll(cell, params, xs, carry=carry, **kwargs)
+    tail = sum(jnp.sum(jnp.sin(leaf)) for leaf in jax.tree_util.tree_leaves(final))
+    return jnp.sum(hs * cot) + tail, (final, hs)
+  return loss
+
+
+def _run(loss, *args):
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(*args)
+
+
+def _close(actual, expected):
+  flat_a, tree_a = jax.tree_util.tree_flatten(actual)
+  flat_e, tree_e = jax.tree_util.tree_flatten(expected)
+  assert tree_a == tree_e
+  for a, e in zip(flat_a, flat_e):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(e), **TOL)
+
+
+def _uses_kernel(fn, *args) -> bool:
+  text = str(jax.make_jaxpr(fn)(*args))
+  return "bptt_rnn_forward" in text
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", list(CELLS))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}T{}D{}H{}".format(*s))
+def test_values_and_gradients_equal_the_jax_paths(name, shape):
+  cell, params, xs, carry, cot = _setup(name, *shape)
+  loss = _loss(cell)
+  assert _uses_kernel(jax.grad(lambda *a: loss(*a)[0], argnums=(0, 1, 2)), params, xs, carry, cot)
+  kernel = _run(loss, params, xs, carry, cot)
+  with bj.use_kernels(False):
+    assert not _uses_kernel(lambda *a: loss(*a)[0], params, xs, carry, cot)
+    fused = _run(loss, params, xs, carry, cot)
+  autodiff = _run(_loss(cell, fused=False), params, xs, carry, cot)
+  _close(kernel, fused)
+  _close(kernel, autodiff)
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", list(CELLS))
+def test_forward_only_equals_autodiff_path(name):
+  cell, params, xs, carry, _ = _setup(name, 3, 11, 4, 9, seed=1)
+  run = lambda p, x, c, **kw: bj.unroll(cell, p, x, carry=c, **kw)  # noqa: E731
+  assert _uses_kernel(run, params, xs, carry)
+  _close(jax.jit(run)(params, xs, carry),
+         jax.jit(lambda p, x, c: run(p, x, c, fused=False))(params, xs, carry))
+  _close(run(params, xs, carry), jax.jit(run)(params, xs, carry))  # eager too
+
+
+def _torch():
+  return pytest.importorskip(
+      "torch", reason="PyTorch is not installed (pip install -e '.[dev]' brings torch==2.13.0)")
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", list(CELLS))
+def test_equals_pytorch(name):
+  torch = _torch()
+  B, T, D, H = 3, 8, 5, 19
+  torch.manual_seed(0)
+  module = {"rnn_tanh": lambda: torch.nn.RNN(D, H, nonlinearity="tanh", batch_first=True),
+            "rnn_relu": lambda: torch.nn.RNN(D, H, nonlinearity="relu", batch_first=True),
+            "lstm": lambda: torch.nn.LSTM(D, H, batch_first=True),
+            "gru": lambda: torch.nn.GRU(D, H, batch_first=True)}[name]()
+  with torch.no_grad():
+    for p in module.parameters():
+      p.uniform_(-0.5, 0.5)
+  rng = np.random.default_rng(0)
+  xs = rng.standard_normal((B, T, D)).astype(np.float32)
+  cot = rng.standard_normal((B, T, H)).astype(np.float32)
+  x = torch.tensor(xs, requires_grad=True)
+  out, _ = module(x)
+  (out * torch.tensor(cot)).sum().backward()
+  state = {k: jnp.asarray(v.detach().numpy()) for k, v in module.state_dict().items()}
+  nonlinearity = name[4:] if name.startswith("rnn") else None
+
+  def loss(state, xs):
+    cell, params = bj.from_torch(state, nonlinearity=nonlinearity)
+    _, hs = bj.unroll(cell, params, xs)
+    return jnp.sum(hs * cot), hs
+
+  assert _uses_kernel(lambda s, x: loss(s, x)[0], state, xs)
+  (_, hs), (d_state, d_xs) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
+      state, jnp.asarray(xs))
+  np.testing.assert_allclose(hs, out.detach().numpy(), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(d_xs, x.grad.numpy(), rtol=1e-5, atol=1e-5)
+  for k, p in module.named_parameters():
+    np.testing.assert_allclose(d_state[k], p.grad.numpy(), rtol=1e-5, atol=1e-5, err_msg=k)
+
+
+@needs_kernels
+def test_vmap_runs_each_sequence():
+  cell, params, _, _, _ = _setup("lstm", 2, 5, 3, 6)
+  xs = jax.random.normal(jax.random.key(7), (3, 2, 5, 3))  # 3 batches of [B, T, D]
+
+  def f(p, x):
+    return jnp.sum(bj.unroll(cell, p, x)[1] ** 2)
+
+  batched = jax.jit(jax.vmap(jax.value_and_grad(f), in_axes=(None, 0)))(params, xs)
+  with bj.use_kernels(False):
+    one_by_one = [jax.value_and_grad(f)(params, x) for x in xs]
+  _close(batched, jax.tree_util.tree_map(lambda *a: jnp.stack(a), *one_by_one))
+
+
+@needs_kernels
+def test_second_derivatives_are_refused_clearly():
+  cell, params, xs, _, _ = _setup("gru", 2, 4, 3, 5)
+  f = lambda p: jnp.sum(bj.unroll(cell, p, xs)[1] ** 2)  # noqa: E731
+  with pytest.raises(TypeError, match=r"second derivatives.*fused=False.*use_kernels\(False\)"):
+    jax.grad(lambda p: jnp.sum(jax.grad(f)(p)["U"]))(params)
+  # The way out the message names works.
+  g = lambda p: jnp.sum(bj.unroll(cell, p, xs, fused=False)[1] ** 2)  # noqa: E731
+  hvp = jax.grad(lambda p: jnp.sum(jax.grad(g)(p)["U"]))(params)
+  assert np.isfinite(np.asarray(hvp["U"])).all()
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", ["lengths", "layer_norm", "bfloat16", "fused_false", "hoist"])
+def test_kernel_applies_only_where_it_can(case):
+  B, T, D, H = 3, 6, 4, 8
+  cell = bj.lstm(H, layer_norm=case == "layer_norm")
+  params = cell.init(jax.random.key(0), D)
+  xs = jax.random.normal(jax.random.key(1), (B, T, D))
+  kwargs = {"lengths": dict(lengths=jnp.array([6, 2, 4])), "layer_norm": {},
+            "bfloat16": dict(dtype=jnp.bfloat16), "fused_false": dict(fused=False),
+            "hoist": dict(fused=False, hoist=True)}[case]
+  assert not _uses_kernel(lambda p, x: bj.unroll(cell, p, x, **kwargs)[1], params, xs)
+
+
+def test_switches_and_status(monkeypatch):
+  with pytest.raises(TypeError, match="True or False"):
+    bj.use_kernels("no")
+  before = bj.kernels()
+  with bj.use_kernels(False):
+    off = bj.kernels()
+    assert (off.active, off.backend) == (False, "jax")
+    assert "use_kernels(False)" in off.reason
+  assert bj.kernels() == before
+  monkeypatch.setenv("BPTT_JAX_KERNELS", "0")
+  assert "BPTT_JAX_KERNELS=0" in bj.kernels().reason
+  assert not _kernel.usable("lstm", {"W": 0, "U": 0, "b": 0}, jnp.zeros((1, 1, 1)), None, None)
+
+
+@needs_kernels
+def test_status_describes_the_library():
+  assert STATUS.backend == "onednn"
+  assert STATUS.onednn_version.count(".") == 2
+  assert STATUS.threads >= 1
+  assert STATUS.library.endswith(".so")
+
+
+def test_missing_extension_falls_back_to_jax(monkeypatch):
+  """Simulates an extension that could not be built: same results on the JAX path."""
+  cell, params, xs, carry, cot = _setup("gru", 3, 5, 4, 7)
+  loss = _loss(cell)
+  expected = _run(_loss(cell, fused=False), params, xs, carry, cot)
+  monkeypatch.setattr(_kernel, "_loaded", [(None, "simulated: the extension is absent")])
+  status = bj.kernels()
+  assert (status.active, status.backend, status.reason) == (
+      False, "jax", "simulated: the extension is absent")
+  assert not _uses_kernel(lambda *a: loss(*a)[0], params, xs, carry, cot)
+  _close(_run(loss, params, xs, carry, cot), expected)
+
+
+def test_build_without_onednn_says_so(monkeypatch, tmp_path):
+  monkeypatch.setenv("BPTT_JAX_CACHE", str(tmp_path))
+  monkeypatch.setattr(_kernel, "_find_onednn", lambda: None)
+  path, reason = _kernel._build()
+  assert path is None and "oneDNN was not found" in reason
+
+
+@pytest.mark.skipif(_kernel._find_onednn() is None, reason="oneDNN is not installed")
+def test_failed_build_says_so_and_leaves_nothing(monkeypatch, tmp_path):
+  monkeypatch.setenv("BPTT_JAX_CACHE", str(tmp_path))
+  monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
+  path, reason = _kernel._build()
+  assert path is None and "building the oneDNN kernels failed" in reason
+  assert list(tmp_path.glob("*.so")) == []  # nothing half-written is left to load
