@@ -20,6 +20,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bptt_jax import _fused, _kernel
 from bptt_jax._common import LSTMState, check_positive_int
@@ -360,10 +361,10 @@ def lstm(hidden_size: int, *, layer_norm: bool = False, forget_bias: float = 1.0
                lambda carry: carry.h, _by_unroll("lstm", _fused.lstm_sequence))
 
 
-def gru(hidden_size: int, *, layer_norm: bool = False,
+def gru(hidden_size: int, *, reset_after: bool = True, layer_norm: bool = False,
         input_init="glorot_uniform", recurrent_init="orthogonal",
         dtype=jnp.float32) -> Cell:
-  r"""GRU cell (Cho et al. 2014) in the PyTorch/cuDNN form.
+  r"""GRU cell (Cho et al. 2014), by default in the PyTorch/cuDNN form.
 
   .. math::
 
@@ -377,17 +378,72 @@ def gru(hidden_size: int, *, layer_norm: bool = False,
   (gains ``g_x``, ``g_h``, biases ``beta_x``, ``beta_h``, each ``[3H]``) before
   they are split into gates.
 
+  With ``reset_after=False`` the reset gate multiplies ``h`` before the
+  recurrent matmul, as in Cho et al. 2014 and Keras' ``GRU(reset_after=False)``:
+
+  .. math::
+
+    n = \tanh(a_n + (r h_{t-1}) U_n)
+
+  with ``r``, ``z`` and ``h_t`` as above and no ``b_hn``. That cell is named
+  ``"gru_reset_before"``; it runs as a ``lax.scan`` over its step with
+  autodiff (it has no hand-written backward pass) and has no layer-norm form
+  (``u_n`` depends on ``r``, so ``h U`` is not one term to normalize).
+
   Params: ``W`` ``[D, 3H]``, ``U`` ``[H, 3H]``, ``b`` ``[3H]`` holding
-  ``(b_ir + b_hr, b_iz + b_hz, b_in)`` in PyTorch's terms, and ``b_hn`` ``[H]``.
-  The carry is ``h`` ``[B, H]``.
+  ``(b_ir + b_hr, b_iz + b_hz, b_in)`` in PyTorch's terms, and ``b_hn`` ``[H]``
+  (not with ``reset_after=False``). The carry is ``h`` ``[B, H]``.
+
+  Args:
+    hidden_size: ``H``.
+    reset_after: apply the reset gate after the recurrent matmul (``True``,
+      PyTorch/cuDNN, Keras' default) or before it (``False``, Cho et al.).
+    layer_norm: normalize the input and recurrent terms (``reset_after=True``
+      only).
+    input_init: ``"glorot_uniform"``, ``"lecun_normal"`` or an initializer
+      ``(key, shape, dtype) -> array`` for ``W``.
+    recurrent_init: ``"orthogonal"``, ``"identity"`` or an initializer for ``U``.
+    dtype: parameter dtype.
 
   Returns:
     A :class:`Cell`.
+
+  Raises:
+    TypeError: ``reset_after`` is not a bool.
+    ValueError: unknown initializer, a non-positive size, or
+      ``layer_norm=True`` with ``reset_after=False``.
+
+  References:
+    Cho et al. 2014, "Learning Phrase Representations using RNN Encoder-Decoder
+    for Statistical Machine Translation".
   """
   check_positive_int("hidden_size", hidden_size)
+  if not isinstance(reset_after, (bool, np.bool_)):
+    raise TypeError(f"reset_after must be a bool, got {reset_after!r}")
+  if layer_norm and not reset_after:
+    raise ValueError(
+        "gru(layer_norm=True, reset_after=False) is not supported: the layer-norm GRU "
+        "normalizes h U as one [B, 3H] term, but with the reset gate before the matmul "
+        "the n block is (r * h) U_n, which needs r first. Use reset_after=True with "
+        "layer_norm=True")
   _input_init(input_init)
   _recurrent_init(recurrent_init, 3, hidden_size)
   H = hidden_size
+
+  if not reset_after:
+    def init_before(key, input_size):
+      return _dense_init(key, input_size, H, 3, input_init, recurrent_init, dtype, False)
+
+    def recur_before(params, h, p_t):
+      U = params["U"]
+      rz = jax.nn.sigmoid(p_t[..., :2 * H] + h @ U[:, :2 * H])
+      r, z = rz[..., :H], rz[..., H:]
+      n = jnp.tanh(p_t[..., 2 * H:] + (r * h) @ U[:, 2 * H:])
+      h = (1.0 - z) * n + z * h
+      return h, h
+
+    return _make("gru_reset_before", H, False, init_before, _zeros_carry(H), recur_before,
+                 lambda h: h)
 
   def init(key, input_size):
     params = _dense_init(key, input_size, H, 3, input_init, recurrent_init,

@@ -167,14 +167,14 @@ def _sigmoid_prime(s):
 def _builtin_diagonal(cell, params, s_prev, xs):
   """``diag(df/ds)`` ``[M, N]`` of a built-in cell from its equations, or ``None``."""
   name = cell.name
-  if name not in ("rnn_tanh", "rnn_relu", "irnn", "gru", "lstm") or "g_x" in params:
+  if (name not in ("rnn_tanh", "rnn_relu", "irnn", "gru", "gru_reset_before", "lstm")
+      or "g_x" in params):
     return None
   W, U, b = params["W"], params["U"], params["b"]
   H = U.shape[0]
   U_diag = jnp.diagonal(U.reshape(H, -1, H), axis1=0, axis2=2)  # [G, H]: U_g[i, i]
-  if name != "lstm":
-    z = xs @ W + b[None] + s_prev @ U
   if name in ("rnn_tanh", "rnn_relu", "irnn"):
+    z = xs @ W + b[None] + s_prev @ U
     fprime = 1.0 - jnp.tanh(z) ** 2 if name == "rnn_tanh" else (z > 0).astype(z.dtype)
     return fprime * U_diag[0][None]
   if name == "gru":
@@ -187,6 +187,18 @@ def _builtin_diagonal(cell, params, s_prev, xs):
     un_b = u_n + params["b_hn"][None]
     n = jnp.tanh(a_n + r * un_b)
     dn = (1.0 - n ** 2) * (r * U_diag[2][None] + un_b * _sigmoid_prime(r) * U_diag[0][None])
+    return zg + (s_prev - n) * _sigmoid_prime(zg) * U_diag[1][None] + (1.0 - zg) * dn
+  if name == "gru_reset_before":
+    # n_i = tanh(a_n_i + sum_k r_k h_k U_n[k, i]) and r_k depends on h_i through U_r[i, k],
+    # so dn_i/dh_i = (1 - n_i^2) (r_i U_n[i, i] + sum_k U_r[i, k] U_n[k, i] h_k r_k').
+    a = xs @ W + b[None]
+    a_r, a_z, a_n = jnp.split(a, 3, axis=-1)
+    U_r, U_z, U_n = jnp.split(U, 3, axis=-1)
+    r = jax.nn.sigmoid(a_r + s_prev @ U_r)
+    zg = jax.nn.sigmoid(a_z + s_prev @ U_z)
+    n = jnp.tanh(a_n + (r * s_prev) @ U_n)
+    through_r = (s_prev * _sigmoid_prime(r)) @ (U_n * U_r.T)  # [M, H]
+    dn = (1.0 - n ** 2) * (r * U_diag[2][None] + through_r)
     return zg + (s_prev - n) * _sigmoid_prime(zg) * U_diag[1][None] + (1.0 - zg) * dn
   # LSTM, rows [h, c].
   h, c = s_prev[:, :H], s_prev[:, H:]

@@ -320,6 +320,12 @@ def _bptt_family(cell: Cell):
   """``(family, activation)`` of a built-in bptt_jax cell; ``ValueError`` for others."""
   families = {"lstm": ("lstm", None), "gru": ("gru", None), "rnn_tanh": ("rnn", "tanh"),
               "rnn_relu": ("rnn", "relu"), "irnn": ("rnn", "relu")}
+  if cell.name == "gru_reset_before":
+    raise ValueError(
+        "bptt_jax gru(reset_after=False) has no Flax equivalent: Flax's GRUCell (linen and "
+        "NNX) applies the reset gate after the recurrent matmul, tanh(x W_n + b_n + r * (h U_n "
+        "+ b_hn)), this cell before it, tanh(x W_n + b_n + (r * h) U_n). Wrap it with "
+        "LinenRNN or NNXRNN instead")
   if cell.name not in families:
     raise ValueError(
         f"bptt_jax cell {cell.name!r} has no Flax equivalent: weights convert for the "
@@ -345,8 +351,9 @@ def to_flax_weights(cell: Cell, params, module):
 
   Raises:
     ValueError: cells or sizes that do not match, a layer-norm or user cell, a
-      GRU with a non-zero ``b_hn`` for NNX's ``GRUCell`` (which has no such
-      bias: the equations differ).
+      ``gru(reset_after=False)`` (Flax's GRU applies the reset gate after the
+      recurrent matmul), a GRU with a non-zero ``b_hn`` for NNX's ``GRUCell``
+      (which has no such bias: the equations differ).
     TypeError: that ``b_hn`` check needs concrete values (not under ``jit``).
   """
   cell = as_cell(cell)

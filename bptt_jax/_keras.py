@@ -2,8 +2,8 @@
 
 Keras stores ``kernel`` ``[D, G*H]`` and ``recurrent_kernel`` ``[H, G*H]``, the
 layout bptt_jax uses. Its LSTM gates are ``(i, f, c, o)``, bptt_jax's order;
-its GRU gates are ``(z, r, h)``, reordered here to ``(r, z, n)``. keras is not
-imported here: the layer brings it.
+its GRU gates are ``(z, r, h)``, reordered here to ``(r, z, n)``; ``GRU(reset_after=False)``
+becomes ``gru(H, reset_after=False)``. keras is not imported here: the layer brings it.
 """
 
 from __future__ import annotations
@@ -34,22 +34,28 @@ def _check_activation(layer, attr, allowed):
 def from_keras(layer, weights=None):
   """A Keras 3 ``SimpleRNN``, ``LSTM`` or ``GRU`` as a bptt_jax cell and params.
 
-  ========================  ==================================================
-  Keras layer               bptt_jax cell and params
-  ========================  ==================================================
-  ``SimpleRNN``             ``rnn(H, "tanh" | "relu")``: ``W = kernel``, ``U =
-                            recurrent_kernel``, ``b = bias``
-  ``LSTM``                  ``lstm(H)``: the same (gates ``(i, f, c, o)`` are
-                            bptt_jax's ``(i, f, g, o)``)
-  ``GRU(reset_after=True)`` ``gru(H)``: Keras' ``(z, r, h)`` blocks reordered to
-                            ``(r, z, n)``; ``bias`` is ``[2, 3H]`` (input,
-                            recurrent): ``b = (b_ir + b_rr, b_iz + b_rz, b_ih)``,
-                            ``b_hn`` = the recurrent ``h`` bias
-  ========================  ==================================================
+  ==========================  ==================================================
+  Keras layer                 bptt_jax cell and params
+  ==========================  ==================================================
+  ``SimpleRNN``               ``rnn(H, "tanh" | "relu")``: ``W = kernel``, ``U =
+                              recurrent_kernel``, ``b = bias``
+  ``LSTM``                    ``lstm(H)``: the same (gates ``(i, f, c, o)`` are
+                              bptt_jax's ``(i, f, g, o)``)
+  ``GRU(reset_after=True)``   ``gru(H)``: Keras' ``(z, r, h)`` blocks reordered to
+                              ``(r, z, n)``; ``bias`` is ``[2, 3H]`` (input,
+                              recurrent): ``b = (b_ir + b_rr, b_iz + b_rz, b_ih)``,
+                              ``b_hn`` = the recurrent ``h`` bias
+  ``GRU(reset_after=False)``  ``gru(H, reset_after=False)``: the same reordering;
+                              ``bias`` is one ``[3H]`` vector, ``b = (b_r, b_z,
+                              b_h)``; no ``b_hn``: the reset gate multiplies ``h``
+                              before the matmul, ``tanh(x W_n + b_n + (r h) U_n)``
+  ==========================  ==================================================
 
-  Keras' update ``h = z h_{t-1} + (1 - z) hh`` is bptt_jax's. Without a bias
-  (``use_bias=False``) the biases are zeros. The cells ``SimpleRNNCell``,
-  ``LSTMCell`` and ``GRUCell`` convert the same way.
+  Keras' update ``h = z h_{t-1} + (1 - z) hh`` is bptt_jax's. ``gru(H)`` gets
+  the hand-written backward pass; ``gru(H, reset_after=False)`` runs with
+  autodiff through ``lax.scan``. Without a bias (``use_bias=False``) the biases
+  are zeros. The cells ``SimpleRNNCell``, ``LSTMCell`` and ``GRUCell`` convert
+  the same way.
 
   Args:
     layer: a built Keras layer (called once, or ``layer.build(shape)``).
@@ -63,11 +69,9 @@ def from_keras(layer, weights=None):
 
   Raises:
     TypeError: not one of these layers.
-    ValueError: ``GRU(reset_after=False)`` (the reset gate applied before the
-      recurrent matmul, ``tanh(x W_h + (r h) U_h)``: bptt_jax's GRU applies it
-      after, as cuDNN and PyTorch do), another activation (``recurrent_activation``
-      other than ``sigmoid``, ``activation`` other than ``tanh``, or ``relu``
-      for ``SimpleRNN``), ``go_backwards=True``, an unbuilt layer, or weights of
+    ValueError: another activation (``recurrent_activation`` other than
+      ``sigmoid``, ``activation`` other than ``tanh``, or ``relu`` for
+      ``SimpleRNN``), ``go_backwards=True``, an unbuilt layer, or weights of
       other shapes.
 
   Warns:
@@ -88,12 +92,6 @@ def from_keras(layer, weights=None):
   act = _check_activation(cell, "activation", ("tanh", "relu") if family == "rnn" else ("tanh",))
   if family != "rnn":
     _check_activation(cell, "recurrent_activation", ("sigmoid",))
-  if family == "gru" and not cell.reset_after:
-    raise ValueError(
-        "GRU(reset_after=False) applies the reset gate before the recurrent matmul, "
-        "hh = tanh(x W_h + b_h + (r * h) U_h); bptt_jax's GRU applies it after "
-        "(tanh(x W_n + b_n + r * (h U_n + b_hn)), as cuDNN and PyTorch do), so the "
-        "equations differ. Train with Keras' default reset_after=True to convert")
   if getattr(cell, "dropout", 0) or getattr(cell, "recurrent_dropout", 0):
     warnings.warn(
         f"{cls}(dropout={cell.dropout}, recurrent_dropout={cell.recurrent_dropout}) drops "
@@ -110,8 +108,10 @@ def from_keras(layer, weights=None):
         f"{', bias' if use_bias else ''}), got {len(weights)}")
   kernel, recurrent = jnp.asarray(weights[0]), jnp.asarray(weights[1])
   H = cell.units
+  reset_after = family != "gru" or bool(cell.reset_after)
   G = {"rnn": 1, "lstm": 4, "gru": 3}[family]
-  bias_shape = {"rnn": (H,), "lstm": (4 * H,), "gru": (2, 3 * H)}[family]
+  bias_shape = {"rnn": (H,), "lstm": (4 * H,),
+                "gru": (2, 3 * H) if reset_after else (3 * H,)}[family]
   bias = jnp.asarray(weights[2]) if use_bias else jnp.zeros(bias_shape, kernel.dtype)
   if (kernel.ndim != 2 or kernel.shape[1] != G * H or recurrent.shape != (H, G * H)
       or bias.shape != bias_shape):
@@ -129,6 +129,9 @@ def from_keras(layer, weights=None):
     z, r, h = jnp.split(a, 3, axis=-1)
     return jnp.concatenate([r, z, h], axis=-1)
 
+  if not reset_after:  # one bias, on the input term
+    return gru(H, reset_after=False, dtype=dtype), {"W": rzn(kernel), "U": rzn(recurrent),
+                                                    "b": rzn(bias)}
   b_in, b_rec = rzn(bias[0]), rzn(bias[1])
   b = jnp.concatenate([b_in[:2 * H] + b_rec[:2 * H], b_in[2 * H:]])
   return gru(H, dtype=dtype), {"W": rzn(kernel), "U": rzn(recurrent), "b": b,

@@ -98,6 +98,18 @@ def gru_step(xp, p, h, x, *, ln=False):
   return h, h
 
 
+def gru_reset_before_step(xp, p, h, x):
+  """Cho et al. / Keras ``reset_after=False``: ``n = tanh(a_n + (r h) U_n)``, no ``b_hn``."""
+  H = h.shape[-1]
+  a = x @ p["W"] + p["b"][None]
+  U_r, U_z, U_n = (p["U"][:, k * H:(k + 1) * H] for k in range(3))
+  r = sigmoid(xp, a[:, :H] + h @ U_r)
+  z = sigmoid(xp, a[:, H:2 * H] + h @ U_z)
+  n = xp.tanh(a[:, 2 * H:] + (r * h) @ U_n)
+  h = (1.0 - z) * n + z * h
+  return h, h
+
+
 def zeros_h(B, H):
   return np.zeros((B, H))
 
@@ -122,6 +134,8 @@ CELLS = {  # make(H, dtype) builds the cell with params in ``dtype``
                  functools.partial(rnn_step, activation="relu"), zeros_h),
     "lstm": Spec(lambda H, dtype=F64: bj.lstm(H, dtype=dtype), lstm_step, zeros_hc),
     "gru": Spec(lambda H, dtype=F64: bj.gru(H, dtype=dtype), gru_step, zeros_h),
+    "gru_reset_before": Spec(lambda H, dtype=F64: bj.gru(H, reset_after=False, dtype=dtype),
+                             gru_reset_before_step, zeros_h),
     "rnn_tanh_ln": Spec(lambda H, dtype=F64: bj.rnn(H, "tanh", layer_norm=True, dtype=dtype),
                         functools.partial(rnn_step, activation="tanh", ln=True), zeros_h),
     "rnn_relu_ln": Spec(lambda H, dtype=F64: bj.rnn(H, "relu", layer_norm=True, dtype=dtype),

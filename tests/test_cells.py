@@ -13,14 +13,18 @@ from cell_reference import (
   DTYPES,
   F32,
   F64,
+  GRAD_TOL,
   VALUE_TOL,
   assert_dtype,
+  assert_grads_close,
   assert_tree_allclose,
   gru_step,
   loop_unroll,
   lstm_step,
+  numerical_grad,
   random_params,
   rnn_step,
+  run_sequence,
   stack_step,
   to_f64,
   zeros_h,
@@ -127,6 +131,92 @@ def test_gru_reset_gate_multiplies_recurrent_bias_by_hand():
 
 
 @pytest.mark.float64
+def test_gru_reset_gate_before_the_recurrent_matmul_by_hand():
+  # H = 2, D = 1, one step: n_i = tanh(a_n_i + sum_k r_k h_k U_n[k, i]), no b_hn.
+  # (With H = 1 the two GRU forms without b_hn coincide: r (h U_n) = (r h) U_n.)
+  cell = bj.gru(2, reset_after=False, dtype=F64)
+  assert cell.name == "gru_reset_before" and cell.sequence is None
+  W = np.array([[0.1, -0.2, 0.3, 0.4, -0.5, 0.6]])  # blocks (r, z, n), 2 columns each
+  U = np.array([[0.7, -0.1, 0.2, 0.3, 0.9, -0.4],
+                [-0.6, 0.5, -0.3, 0.1, 0.8, 1.1]])
+  b = np.array([0.01, 0.02, 0.03, -0.04, 0.05, -0.06])
+  params = {"W": W, "U": U, "b": b}
+  x, h0 = 1.5, (-0.8, 0.6)
+  sig = lambda a: 1 / (1 + math.exp(-a))
+  r = [sig(W[0, i] * x + b[i] + h0[0] * U[0, i] + h0[1] * U[1, i]) for i in range(2)]
+  z = [sig(W[0, 2 + i] * x + b[2 + i] + h0[0] * U[0, 2 + i] + h0[1] * U[1, 2 + i])
+       for i in range(2)]
+  n = [math.tanh(W[0, 4 + i] * x + b[4 + i] + r[0] * h0[0] * U[0, 4 + i]
+                 + r[1] * h0[1] * U[1, 4 + i]) for i in range(2)]
+  h = [(1 - z[i]) * n[i] + z[i] * h0[i] for i in range(2)]
+  new, out = jax.jit(cell.step)(params, np.array([h0]), np.array([[x]]))
+  np.testing.assert_allclose(new[0], h, rtol=1e-14)
+  np.testing.assert_allclose(out[0], h, rtol=1e-14)
+  # The PyTorch form (b_hn = 0) on the same weights gives another state.
+  after, _ = jax.jit(bj.gru(2, dtype=F64).step)(dict(params, b_hn=np.zeros(2)),
+                                                np.array([h0]), np.array([[x]]))
+  assert np.abs(np.asarray(after[0]) - h).max() > 1e-2
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gru_reset_before_with_lengths_matches_loop_and_finite_differences(dtype):
+  """Both scan paths (hoisted and per step) of ``gru(reset_after=False)``, variable lengths
+  and a given carry: values against the numpy loop over each sequence alone, gradients
+  against central differences of that loop (float64) and, in float64, against ``jax.grad``
+  of the same loop written in ``jax.numpy``."""
+  B, T, D, H = 3, 5, 3, 4
+  spec = CELLS["gru_reset_before"]
+  cell = spec.make(H, dtype)
+  params = _init(cell, D)
+  lengths = np.array([5, 2, 0])
+  xs = _inputs((B, T, D), dtype=dtype)
+  xs[1, 2:] = 1e3  # padding: must reach no value and no gradient
+  carry = (0.5 * _inputs((B, H), seed=7)).astype(dtype)
+  w = _inputs((B, T, H), seed=8)
+
+  def loss(params, xs, carry, hoist):
+    final, hs = bj.unroll(cell, params, xs, carry=carry, lengths=lengths, hoist=hoist)
+    return jnp.sum(jnp.asarray(w, dtype) * hs) + jnp.sum(final ** 2), (final, hs)
+
+  tol = VALUE_TOL[dtype]
+  want_final, want_hs = loop_unroll(spec.step, params, xs, carry, H, lengths=lengths)
+  seqs = [(b, n) for b, n in enumerate(lengths) if n > 0]
+  p64, x64, c64 = to_f64((params, xs, carry))
+
+  def ref_loss(xp, tree):  # each sequence alone, cut to its own length
+    p, x_seqs, c = tree
+    total = 0.0
+    for (b, _), x in zip(seqs, x_seqs, strict=True):
+      c_b, hs_b = run_sequence(xp, spec.step, p, x, c[b:b + 1])
+      total += sum(xp.sum(w[b:b + 1, t] * h) for t, h in enumerate(hs_b))
+      total += xp.sum(c_b ** 2)
+    return total + sum(xp.sum(c[b] ** 2) for b, n in enumerate(lengths) if n == 0)
+
+  ref_tree = (p64, [x64[b:b + 1, :n] for b, n in seqs], c64)
+  fd = numerical_grad(lambda tree: ref_loss(np, tree), ref_tree)
+  # Central differences in float64 are good to about 1e-8.
+  fd_tol = {F32: GRAD_TOL[F32], F64: dict(rtol=1e-6, atol=1e-8)}[dtype]
+  if dtype == F64:
+    exact = jax.jit(jax.grad(lambda tree: ref_loss(jnp, tree)))(ref_tree)
+  run = jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True), static_argnums=3)
+  for hoist in (True, False):
+    (_, (final, hs)), grads = run(params, xs, carry, hoist)
+    assert_dtype((final, hs, grads), dtype)
+    np.testing.assert_allclose(hs, want_hs, **tol)
+    np.testing.assert_allclose(final, want_final, **tol)
+    np.testing.assert_array_equal(hs[1, 2:], 0.0)
+    np.testing.assert_array_equal(hs[2], 0.0)
+    np.testing.assert_array_equal(final[2], carry[2])  # length 0: the carry as given
+    g_params, g_xs, g_carry = grads
+    got_xs = [g_xs[b:b + 1, :n] for b, n in seqs]
+    np.testing.assert_array_equal(g_xs[1, 2:], 0.0)
+    np.testing.assert_array_equal(g_xs[2], 0.0)
+    assert_grads_close((g_params, got_xs, g_carry), fd, **fd_tol)
+    if dtype == F64:
+      assert_grads_close((g_params, got_xs, g_carry), exact, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.float64
 def test_layer_norm_lstm_normalizes_cell_state_for_output_by_hand():
   # W = U = 0: the gates are b; c = σ(f) c0 + σ(i) tanh(g); h = σ(o) tanh(LN(c)).
   H = 3
@@ -163,7 +253,7 @@ def test_param_shapes_and_initial_carry(name, dtype):
     want.update({k: (G * H,) for k in ("g_x", "beta_x", "g_h", "beta_h")})
   if name == "lstm_ln":
     want.update(g_c=(H,), beta_c=(H,))
-  if name.startswith("gru"):
+  if name.startswith("gru") and name != "gru_reset_before":
     want.update(b_hn=(H,))
   assert {k: v.shape for k, v in params.items()} == want
   assert_dtype(params, dtype)
@@ -176,7 +266,8 @@ def test_param_shapes_and_initial_carry(name, dtype):
   # The factories' default parameter dtype is float32 (with x64 on, too).
   base = name.removesuffix("_ln")
   make = {"rnn_tanh": lambda: bj.rnn(H, "tanh"), "rnn_relu": lambda: bj.rnn(H, "relu"),
-          "irnn": lambda: bj.irnn(H), "lstm": lambda: bj.lstm(H), "gru": lambda: bj.gru(H)}[base]
+          "irnn": lambda: bj.irnn(H), "lstm": lambda: bj.lstm(H), "gru": lambda: bj.gru(H),
+          "gru_reset_before": lambda: bj.gru(H, reset_after=False)}[base]
   assert_dtype(jax.eval_shape(lambda k: make().init(k, D), KEY), F32)
 
 
@@ -230,6 +321,7 @@ GRAD_PATHS = {
     "irnn": [(False, True)],
     "lstm": [(False, True), (False, False)],
     "gru": [(False, True), (False, False)],
+    "gru_reset_before": [(False, True), (True, False)],
     "rnn_tanh_ln": [(True, True)],
     "rnn_relu_ln": [(False, True)],
     "lstm_ln": [(False, True)],
@@ -388,3 +480,16 @@ def test_factory_errors():
       jax.jit(lambda xs, make=make: bj.unroll(make(), {}, xs))(xs)
   with pytest.raises(ValueError, match="input_size must be a positive int, got 0"):
     jax.jit(bj.rnn(3).init, static_argnums=1)(KEY, 0)
+
+
+def test_gru_reset_after_errors():
+  with pytest.raises(TypeError, match="reset_after must be a bool, got 'False'"):
+    bj.gru(4, reset_after="False")
+  with pytest.raises(ValueError, match=r"layer_norm=True, reset_after=False.*\(r \* h\) U_n"):
+    bj.gru(4, reset_after=False, layer_norm=True)
+  assert bj.gru(4, reset_after=np.bool_(False)).name == "gru_reset_before"
+  xs = np.zeros((1, 2, 3), F32)
+  cell = bj.gru(4, reset_after=False)
+  params = _init(cell, 3)
+  with pytest.raises(ValueError, match="gru_reset_before has no fused sequence implementation"):
+    jax.jit(lambda p, xs: bj.unroll(cell, p, xs, fused=True))(params, xs)

@@ -33,6 +33,7 @@ def _setup(name, dtype, seed=0, scale=0.5):
 @pytest.mark.parametrize("name,quasi,dtype", [
     pytest.param("gru", False, F64, id="gru-deer-float64", marks=pytest.mark.float64),
     pytest.param("gru", True, F64, id="gru-quasi_deer-float64", marks=pytest.mark.float64),
+    pytest.param("gru_reset_before", True, F32, id="gru_reset_before-quasi_deer-float32"),
     pytest.param("lstm", True, F32, id="lstm-quasi_deer-float32"),
     pytest.param("rnn_tanh", False, F32, id="rnn_tanh-deer-float32"),
 ])
@@ -67,7 +68,8 @@ def test_trajectory_and_gradients_equal_sequential(name, quasi, dtype):
   assert_grads_close(got, want, rtol=tol["rtol"], atol=tol["atol"])
 
 
-@pytest.mark.parametrize("name", ["gru", "lstm", "rnn_tanh", "rnn_relu", "gru_ln"])
+@pytest.mark.parametrize("name", ["gru", "gru_reset_before", "lstm", "rnn_tanh", "rnn_relu",
+                                  "gru_ln"])
 def test_quasi_diagonal_equals_the_jacobians_diagonal(name):
   """The diagonal written from the equations (or, with layer norm, from chunked Jacobians)
   against ``jnp.diagonal`` of ``jax.jacfwd`` of the step."""

@@ -307,6 +307,10 @@ def test_errors():
     bj.to_flax_weights(bj.gru(H), {k: gru_params[k] for k in "WUb"}, nn.GRUCell(features=H))
   with pytest.raises(ValueError, match="'gru_ln' has no Flax equivalent"):
     bj.to_flax_weights(bj.gru(H, layer_norm=True), {}, nn.GRUCell(features=H))
+  before = bj.gru(H, reset_after=False)
+  with pytest.raises(ValueError, match=r"gru\(reset_after=False\) has no Flax equivalent.*"
+                                       r"\(r \* h\) U_n"):
+    bj.to_flax_weights(before, _random(_abstract_init(before)), nn.GRUCell(features=H))
   with pytest.raises(ValueError, match="residual=True.*no bptt_jax equivalent"):
     bj.from_flax_weights(nn.SimpleCell(features=H, residual=True), {})
   with pytest.raises(ValueError, match="gate_fn='hard_sigmoid' has no bptt_jax equivalent"):

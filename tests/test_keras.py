@@ -31,13 +31,14 @@ LAYERS = {
         H, activation="relu", use_bias=False, **kw),
     "lstm": lambda **kw: keras.layers.LSTM(H, **kw),
     "gru": lambda **kw: keras.layers.GRU(H, **kw),
+    "gru_reset_before": lambda **kw: keras.layers.GRU(H, reset_after=False, **kw),
 }
 
 
-def _layer(name, seed=0):
+def _layer(name, seed=0, **kwargs):
   # Zeros to build fast (no eager orthogonal init): every weight is set just below.
-  layer = LAYERS[name](return_sequences=True, return_state=True, kernel_initializer="zeros",
-                       recurrent_initializer="zeros")
+  kwargs = {"return_sequences": True, "return_state": True, **kwargs}
+  layer = LAYERS[name](kernel_initializer="zeros", recurrent_initializer="zeros", **kwargs)
   with jax.numpy_rank_promotion("allow"):  # Keras broadcasts freely
     layer.build((B, T, D))
   rng = np.random.default_rng(seed)  # every weight random, biases included
@@ -97,6 +98,19 @@ def test_layer_weights_convert_by_gate():
   np.testing.assert_array_equal(params["W"], np.concatenate([r, z, h], axis=1))
   np.testing.assert_allclose(params["b"][:H], bias[0, H:2 * H] + bias[1, H:2 * H], rtol=1e-6)
   np.testing.assert_array_equal(params["b_hn"], bias[1, 2 * H:])
+  # reset_after=False: one [3H] bias, on the input term; no b_hn.
+  layer = _layer("gru_reset_before", seed=2)
+  kernel, recurrent, bias = layer.get_weights()
+  cell, params = bj.from_keras(layer)
+  assert cell.name == "gru_reset_before" and cell.hidden_size == H
+  assert sorted(params) == ["U", "W", "b"]
+  rzn = lambda a: np.concatenate([a[..., H:2 * H], a[..., :H], a[..., 2 * H:]], axis=-1)
+  for key, theirs in (("W", kernel), ("U", recurrent), ("b", bias)):
+    np.testing.assert_array_equal(params[key], rzn(theirs))
+  no_bias = _layer("gru_reset_before", use_bias=False)
+  cell, params = bj.from_keras(no_bias.cell)
+  assert cell.name == "gru_reset_before"
+  np.testing.assert_array_equal(params["b"], np.zeros(3 * H))
   cell, params = bj.from_keras(_layer("lstm").cell)  # a cell converts as its layer
   assert cell.name == "lstm" and params["W"].shape == (D, 4 * H)
   tanh = keras.layers.SimpleRNN(H)  # tanh by default; the weights as they are
@@ -108,10 +122,32 @@ def test_layer_weights_convert_by_gate():
     np.testing.assert_array_equal(ours, theirs)
 
 
+@pytest.mark.parametrize("name", ["gru", "gru_reset_before"])
+def test_last_output_without_return_sequences_is_the_final_state(name):
+  """``return_sequences=False``: Keras' one output is the state at each sequence's own end."""
+  layer = _layer(name, seed=3, return_sequences=False, return_state=False)
+  xs = np.random.default_rng(4).normal(size=(B, T, D)).astype(np.float32)
+  valid = np.arange(T)[None, :] < LENGTHS[:, None]
+  trainable = [v.value for v in layer.trainable_variables]
+  fixed = [v.value for v in layer.non_trainable_variables]
+
+  @jax.jit
+  def keras_last(trainable, xs):
+    with jax.numpy_rank_promotion("allow"):
+      return layer.stateless_call(trainable, fixed, xs, mask=jnp.asarray(valid))[0]
+
+  cell, params = bj.from_keras(layer)
+  final, hs = jax.jit(lambda p, xs: bj.unroll(cell, p, xs, lengths=LENGTHS))(params, xs)
+  out = keras_last(trainable, xs)
+  np.testing.assert_allclose(final, out, **TOL)
+  np.testing.assert_allclose(bj.last_step(hs, LENGTHS), out, **TOL)
+
+
 def test_errors():
-  gru_v1 = keras.layers.GRU(H, reset_after=False)
-  with pytest.raises(ValueError, match=r"reset_after=False.*\(r \* h\) U_h.*equations differ"):
-    bj.from_keras(gru_v1)
+  layer = _layer("gru_reset_before")
+  with pytest.raises(ValueError, match=r"expected kernel \[D, 15\], recurrent_kernel \[5, 15\], "
+                                       r"bias \[15\], got .*\(2, 15\)"):
+    bj.from_keras(layer, layer.get_weights()[:2] + [np.zeros((2, 3 * H), np.float32)])
   with pytest.raises(ValueError, match="recurrent_activation='hard_sigmoid'.*'sigmoid'"):
     bj.from_keras(keras.layers.LSTM(H, recurrent_activation="hard_sigmoid"))
   with pytest.raises(ValueError, match="activation='relu'.*'tanh'"):
