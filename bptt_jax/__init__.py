@@ -29,9 +29,6 @@ from bptt_jax._deer import DeerInfo as DeerInfo
 from bptt_jax._fit import NonFiniteError as NonFiniteError
 from bptt_jax._fit import fit as fit
 from bptt_jax._flax import NNXRNN as NNXRNN
-from bptt_jax._kernel import KernelStatus as KernelStatus
-from bptt_jax._kernel import kernels as kernels
-from bptt_jax._kernel import use_kernels as use_kernels
 from bptt_jax._flax import LinenRNN as LinenRNN
 from bptt_jax._flax import from_flax as from_flax
 from bptt_jax._flax import from_flax_weights as from_flax_weights
@@ -42,6 +39,9 @@ from bptt_jax._gradients import jacobian_norms as jacobian_norms
 from bptt_jax._gradients import rnn_bptt as rnn_bptt
 from bptt_jax._gradients import rnn_value_and_grad as rnn_value_and_grad
 from bptt_jax._keras import from_keras as from_keras
+from bptt_jax._kernel import KernelStatus as KernelStatus
+from bptt_jax._kernel import kernels as kernels
+from bptt_jax._kernel import use_kernels as use_kernels
 from bptt_jax._linear_rnn import default_method as default_linear_method
 from bptt_jax._linear_rnn import linear_scan as linear_scan
 from bptt_jax._linear_rnn import lru as lru
