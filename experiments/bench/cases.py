@@ -44,6 +44,7 @@ IMPLS = {
     "bptt_jax_bf16": Impl("bptt_jax", {"dtype": "bfloat16"}),
     "bptt_jax_fused": Impl("bptt_jax", env={"BPTT_JAX_KERNELS": "0"}),  # pure JAX, no oneDNN
     "bptt_jax_fused_malloc": Impl("bptt_jax", env={"BPTT_JAX_KERNELS": "0", **TUNED_MALLOC}),
+    "bptt_jax_omp1": Impl("bptt_jax", env={"OMP_NUM_THREADS": "1"}),  # oneDNN on one thread
     "bptt_jax_malloc": Impl("bptt_jax", env=TUNED_MALLOC),
     "bptt_jax_autodiff": Impl("bptt_jax", {"fused": False}),
     "bptt_jax_hoisted": Impl("bptt_jax", {"fused": False, "hoist": True}),
@@ -276,4 +277,4 @@ def framework_info(impl: Impl) -> dict:
   import bptt_jax
 
   return {"jax": jax.__version__, "backend": jax.default_backend(),
-          "kernels": bptt_jax.kernels().backend}
+          "rnn_kernels": bptt_jax.kernels().backend}
