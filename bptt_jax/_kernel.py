@@ -44,7 +44,7 @@ import numpy as np
 
 Array = jax.Array
 
-_SOURCE = Path(__file__).parent / "csrc" / "onednn_rnn.cc"
+_SOURCES = [Path(__file__).parent / "csrc" / name for name in ("onednn_rnn.cc", "linear_scan.cc")]
 _KINDS = {"rnn_tanh": 0, "rnn_relu": 1, "lstm": 2, "gru": 3}
 _PARAM_KEYS = {"rnn_tanh": {"W", "U", "b"}, "rnn_relu": {"W", "U", "b"},
                "lstm": {"W", "U", "b"}, "gru": {"W", "U", "b", "b_hn"}}
@@ -134,11 +134,11 @@ def _build() -> tuple[Path | None, str]:
   flags = ["-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp",
            f"-I{jax.ffi.include_dir()}", f"-I{include}", f"-L{lib}", f"-Wl,-rpath,{lib}"]
   digest = hashlib.sha256()
-  for part in (_SOURCE.read_bytes(), compiler.encode(), " ".join(flags).encode(),
+  for part in (*(s.read_bytes() for s in _SOURCES), compiler.encode(), " ".join(flags).encode(),
                jax.__version__.encode(), str((lib / "libdnnl.so.3").resolve()).encode()):
     digest.update(part)
   cache = _cache_dir()
-  target = cache / f"onednn_rnn-{digest.hexdigest()[:16]}.so"
+  target = cache / f"cpu_kernels-{digest.hexdigest()[:16]}.so"
   if target.exists():
     return target, "cached"
   try:
@@ -148,7 +148,7 @@ def _build() -> tuple[Path | None, str]:
       if target.exists():
         return target, "cached"
       partial = target.with_suffix(f".{os.getpid()}.tmp")
-      run = subprocess.run([compiler, str(_SOURCE), *flags, "-o", str(partial), "-ldnnl"],
+      run = subprocess.run([compiler, *map(str, _SOURCES), *flags, "-o", str(partial), "-ldnnl"],
                            capture_output=True, text=True, timeout=600)
       if run.returncode != 0:
         partial.unlink(missing_ok=True)
@@ -174,7 +174,9 @@ def _library():
               ctypes.c_char_p, ctypes.c_int64]
           lib.bptt_rnn_threads.restype = ctypes.c_int64
           for name, symbol in (("bptt_rnn_forward", lib.BpttRnnForward),
-                               ("bptt_rnn_backward", lib.BpttRnnBackward)):
+                               ("bptt_rnn_backward", lib.BpttRnnBackward),
+                               ("bptt_linear_scan_forward", lib.BpttLinearScanForward),
+                               ("bptt_linear_scan_backward", lib.BpttLinearScanBackward)):
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
           reason = f"oneDNN kernels loaded from {path}"
         except (OSError, AttributeError) as e:
@@ -314,3 +316,71 @@ def _no_second_derivative(*args):
 
 _forward.defjvp(_no_second_derivative)
 _backward.defjvp(_no_second_derivative)
+
+
+# ----------------------------------------------------------------------------
+# The element-wise linear recurrence of minGRU, minLSTM and the LRU.
+
+
+def scan_usable(a, b, s0) -> bool:
+  """Whether the kernel runs ``s_t = a_t s_{t-1} + b_t`` here (decided at trace time)."""
+  if _off_reason() is not None or b.ndim != 3 or b.shape[0] == 0 or b.size == 0:
+    return False
+  if any(getattr(x, "dtype", None) != jnp.float32 for x in (a, b, s0)):
+    return False
+  return _library()[0] is not None
+
+
+def linear_scan(a: Array, b: Array, s0: Array) -> Array:
+  """``[T, B, N]`` states of ``s_t = a_t * s_{t-1} + b_t`` from ``s0`` ``[B, N]``, by the kernel.
+
+  ``a`` may broadcast to ``b``'s shape (the LRU's ``[1, 1, N]``); autodiff sums
+  its gradient back. Only call where :func:`scan_usable` is true.
+  """
+  T = b.shape[0]
+  a = jnp.broadcast_to(a, b.shape)
+  states = _scan(a.reshape(T, -1), b.reshape(T, -1), s0.reshape(-1))
+  return states.reshape(b.shape)
+
+
+@jax.custom_vjp
+def _scan(a, b, s0):
+  return _scan_forward(a, b, s0)
+
+
+@jax.custom_jvp
+def _scan_forward(a, b, s0):
+  call = jax.ffi.ffi_call("bptt_linear_scan_forward", jax.ShapeDtypeStruct(b.shape, jnp.float32),
+                          vmap_method="sequential")
+  return call(a, b, s0)
+
+
+def _scan_fwd(a, b, s0):
+  states = _scan_forward(a, b, s0)
+  return states, (a, s0, states)
+
+
+@jax.custom_jvp
+def _scan_backward(a, s0, states, g):
+  out = (jax.ShapeDtypeStruct(a.shape, jnp.float32), jax.ShapeDtypeStruct(a.shape, jnp.float32),
+         jax.ShapeDtypeStruct(s0.shape, jnp.float32))
+  call = jax.ffi.ffi_call("bptt_linear_scan_backward", out, vmap_method="sequential")
+  return call(a, s0, states, g)
+
+
+def _scan_bwd(residuals, g):
+  return _scan_backward(*residuals, g)
+
+
+_scan.defvjp(_scan_fwd, _scan_bwd)
+
+
+def _no_second_derivative_of_scan(primals, tangents):
+  raise TypeError(
+      "second derivatives through the linear-scan kernel are not available: use "
+      "bptt_jax.unroll(..., fused=False), or turn the kernels off with "
+      "bptt_jax.use_kernels(False)")
+
+
+_scan_forward.defjvp(_no_second_derivative_of_scan)
+_scan_backward.defjvp(_no_second_derivative_of_scan)

@@ -49,6 +49,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from bptt_jax import _kernel
 from bptt_jax._cells import Cell, _input_init, _row
 from bptt_jax._common import check_positive_int
 
@@ -183,7 +184,10 @@ def run(linear: LinearRecurrence, params, carry, inputs, mask, method: str, unro
     m = mask[..., None]
     a = jnp.where(m, a, jnp.ones((), a.dtype))
     b = jnp.where(m, b, jnp.zeros((), b.dtype))
-  states = linear_scan((method, unroll), a, b, s0)
+  if method == "sequential" and _kernel.scan_usable(a, b, s0):
+    states = _kernel.linear_scan(a, b, s0)  # the same recurrence in one pass of C++ loops
+  else:
+    states = linear_scan((method, unroll), a, b, s0)
   hs = linear.output(params, states, inputs)
   if mask is not None:
     hs = jnp.where(mask[..., None], hs, jnp.zeros((), hs.dtype))
