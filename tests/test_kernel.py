@@ -21,7 +21,7 @@ needs_kernels = pytest.mark.skipif(
 
 CELLS = {"rnn_tanh": lambda H: bj.rnn(H, "tanh"), "rnn_relu": lambda H: bj.rnn(H, "relu"),
          "lstm": bj.lstm, "gru": bj.gru}
-SHAPES = [(4, 7, 3, 5), (1, 1, 2, 3), (3, 1, 4, 17), (1, 9, 1, 13), (2, 6, 16, 32)]  # B, T, D, H
+SHAPES = [(1, 1, 2, 3), (3, 6, 4, 17), (1, 9, 1, 13), (2, 5, 16, 32)]  # B, T, D, H
 TOL = dict(rtol=2e-5, atol=2e-6)
 
 
