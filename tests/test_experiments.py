@@ -236,7 +236,8 @@ def test_quick_mode_runs_and_writes_results(name, tmp_path):
 
 
 def test_benchmark_profile_reports_kernels_and_page_faults(tmp_path):
-  run_quick("benchmark", tmp_path, "--profile", "--modes", "train", "--impls", "bptt_jax")
+  # The pure-JAX fused path: its loops are XLA while loops (the oneDNN path is one custom call).
+  run_quick("benchmark", tmp_path, "--profile", "--modes", "train", "--impls", "bptt_jax_fused")
   [raw] = json.loads((tmp_path / "profile.json").read_text())["figures"]["profiles"]
   assert "error" not in raw, raw.get("error")
   kernels = raw["kernels"]
