@@ -1,27 +1,34 @@
-"""oneDNN's whole-sequence RNN, LSTM and GRU kernels, called from XLA:CPU.
+"""CPU kernels: oneDNN's whole-sequence RNN, LSTM and GRU, and the linear recurrence.
 
 XLA:CPU runs ``lax.scan`` one step at a time, with a fixed cost per iteration
-and per kernel. oneDNN's RNN primitives run the whole sequence (forward, and
-the backward pass from a workspace the forward keeps) as one call, with the
-per-step matmuls batched and the gate arithmetic fused. This module builds a
-small C++ extension (``csrc/onednn_rnn.cc``) that exposes them as XLA FFI
-handlers, and ties the two into a ``jax.custom_vjp``.
+and per kernel. This module builds a small C++ extension with two families of
+XLA FFI handlers, each a forward and a backward call tied by a
+``jax.custom_vjp``:
+
+- ``"linear_scan"`` (``csrc/linear_scan.cc``): ``s_t = a_t s_{t-1} + b_t`` of
+  minGRU and minLSTM, forward in one pass and its adjoint backward in one pass,
+  units split over OpenMP threads. On by default: it measured faster than
+  ``lax.scan``.
+- ``"rnn"`` (``csrc/onednn_rnn.cc``): oneDNN's RNN primitives (``vanilla_rnn``,
+  ``lstm``, ``lbr_gru``) over the whole sequence, forward keeping a workspace
+  and backward from it. Off by default: with the oneDNN on the package
+  registry (3.2) it measured slower than the pure-JAX fused path on this
+  project's machines (README, Performance); ``use_kernels(True)`` turns it on.
 
 The extension is compiled on first use (or by ``make``) with the system C++
 compiler against the oneDNN that the ``kernels`` extra installs
 (``onednn-cpu-gomp``, ``onednn-devel-cpu-gomp``), and cached in
 ``$BPTT_JAX_CACHE`` (default ``~/.cache/bptt_jax``) under a name that hashes
-the source, the compiler and the jaxlib and oneDNN it was built against. If
+the sources, the compiler and the jaxlib and oneDNN it was built against. If
 anything is missing or the build fails, :func:`bptt_jax.unroll` keeps the JAX
 paths and :func:`kernels` says why.
 
-:func:`bptt_jax.unroll` uses the kernels for the built-in ``rnn`` (tanh,
-ReLU), ``lstm`` and ``gru`` without layer norm when all of these hold: the
-backend is the CPU with one device, no mask is needed (no ``lengths`` or
-``mask``), every array is float32 and the fused path is chosen (``fused`` not
-``False``, ``hoist`` not ``True``). ``use_kernels(False)`` or
-``BPTT_JAX_KERNELS=0`` turns them off. The choice is made when a function is
-traced.
+A kernel runs when its family is on, the backend is the CPU with one device,
+every array is float32 and the shapes are not empty; the RNN kernels also need
+no mask (no ``lengths`` or ``mask``), no layer norm and the fused path
+(``fused`` not ``False``, ``hoist`` not ``True``), the linear scan
+``method="sequential"`` and a real (not complex) recurrence. The choice is
+made when a function is traced.
 """
 
 from __future__ import annotations
@@ -50,51 +57,86 @@ _PARAM_KEYS = {"rnn_tanh": {"W", "U", "b"}, "rnn_relu": {"W", "U", "b"},
                "lstm": {"W", "U", "b"}, "gru": {"W", "U", "b", "b_hn"}}
 
 
+FAMILIES = ("linear_scan", "rnn")
+DEFAULT = ("linear_scan",)  # what measured faster than the JAX paths here (README, Performance)
+
+
 class KernelStatus(NamedTuple):
-  """Which path :func:`bptt_jax.unroll` takes for the built-in cells on the CPU.
+  """Which CPU kernels :func:`bptt_jax.unroll` uses, and why.
 
   Attributes:
-    active: whether the oneDNN kernels are used (where they apply).
-    backend: ``"onednn"`` or ``"jax"``.
+    active: whether the extension is loaded and at least one family is on.
+    enabled: the families on: ``"linear_scan"`` (the recurrence of minGRU and
+      minLSTM) and ``"rnn"`` (oneDNN's RNN, LSTM and GRU).
     reason: why, in words.
     library: the compiled extension's path, or ``None``.
     onednn_version: e.g. ``"3.2.0"``, or ``None``.
-    threads: oneDNN's OpenMP threads, or ``None``.
+    threads: the kernels' OpenMP threads, or ``None``.
   """
 
   active: bool
-  backend: str
+  enabled: tuple
   reason: str
   library: str | None = None
   onednn_version: str | None = None
   threads: int | None = None
 
 
-_enabled = [True]
+_setting: list = [None]  # None: from BPTT_JAX_KERNELS, else DEFAULT; or a tuple of families
 _lock = threading.Lock()
 _loaded: list = []  # [(library or None, reason)] once tried
 
 
-class use_kernels:  # noqa: N801 (a function that is also a context manager)
-  """Turns the oneDNN kernels on or off; as a context manager, restores the setting on exit.
+def _families(value, where) -> tuple:
+  if value is True:
+    return FAMILIES
+  if value is False:
+    return ()
+  names = (value,) if isinstance(value, str) else value
+  try:
+    names = tuple(names)
+  except TypeError:
+    names = (value,)
+  unknown = [n for n in names if n not in FAMILIES]
+  if unknown or not names:
+    raise TypeError(f"{where} takes True, False or kernel names from {FAMILIES}, got {value!r}")
+  return tuple(f for f in FAMILIES if f in names)
 
-  ``bptt_jax.use_kernels(False)`` sets it for the process;
-  ``with bptt_jax.use_kernels(False): ...`` only inside the block. The setting
-  is read when a function is traced: a function jitted before the change keeps
-  the path it was compiled with.
+
+def _enabled() -> tuple:
+  if _setting[0] is not None:
+    return _setting[0]
+  env = os.environ.get("BPTT_JAX_KERNELS", "").strip().lower()
+  if env in ("", "default"):
+    return DEFAULT
+  if env in ("0", "false", "off", "no", "none"):
+    return ()
+  if env in ("1", "true", "on", "yes", "all"):
+    return FAMILIES
+  return _families([n.strip() for n in env.split(",")], "BPTT_JAX_KERNELS")
+
+
+class use_kernels:  # noqa: N801 (a function that is also a context manager)
+  """Chooses the CPU kernels; as a context manager, restores the choice on exit.
+
+  ``use_kernels(True)`` turns every family on, ``use_kernels(False)`` every
+  one off, ``use_kernels("rnn")`` or ``use_kernels(["rnn", "linear_scan"])``
+  exactly those. Without a call, ``$BPTT_JAX_KERNELS`` decides (``0``, ``all``
+  or a comma-separated list), else the default, ``("linear_scan",)``. The
+  setting is read when a function is traced: a function jitted before the
+  change keeps the path it was compiled with.
   """
 
-  def __init__(self, enabled: bool):
-    if not isinstance(enabled, bool):
-      raise TypeError(f"use_kernels takes True or False, got {enabled!r}")
-    self._previous = _enabled[0]
-    _enabled[0] = enabled
+  def __init__(self, enabled):
+    families = _families(enabled, "use_kernels")
+    self._previous = _setting[0]
+    _setting[0] = families
 
   def __enter__(self):
     return self
 
   def __exit__(self, *exc):
-    _enabled[0] = self._previous
+    _setting[0] = self._previous
     return False
 
 
@@ -186,44 +228,48 @@ def _library():
 
 
 def kernels() -> KernelStatus:
-  """Which path the built-in cells take on this machine, and why.
+  """Which CPU kernels :func:`bptt_jax.unroll` uses on this machine, and why.
 
   Builds (or loads from the cache) the extension if that has not happened yet.
 
   Returns:
-    A :class:`KernelStatus`. ``backend="onednn"`` means :func:`bptt_jax.unroll`
-    runs the RNN, LSTM and GRU through oneDNN where they apply (see
-    :mod:`bptt_jax._kernel`); ``"jax"`` means the pure-JAX fused path, with the
-    reason (turned off, not on the CPU, several devices, not built).
+    A :class:`KernelStatus`: ``enabled`` lists the families that run where
+    they apply (see :mod:`bptt_jax._kernel`); with ``active=False`` the JAX
+    paths run everything, and ``reason`` says why (turned off, not on the
+    CPU, several devices, not built).
   """
-  off = _off_reason()
+  enabled = _enabled()
+  off = _off_reason(enabled)
   if off is not None:
-    return KernelStatus(False, "jax", off)
+    return KernelStatus(False, (), off)
   lib, reason = _library()
   if lib is None:
-    return KernelStatus(False, "jax", reason)
+    return KernelStatus(False, (), reason)
   version = (ctypes.c_int64 * 3)()
   lib.bptt_rnn_onednn_version(version)
-  return KernelStatus(True, "onednn", reason, lib._name, ".".join(map(str, version)),
+  return KernelStatus(True, enabled, reason, lib._name, ".".join(map(str, version)),
                       int(lib.bptt_rnn_threads()))
 
 
-def _off_reason() -> str | None:
-  if os.environ.get("BPTT_JAX_KERNELS", "1").strip().lower() in ("0", "false", "off", "no"):
-    return "turned off by BPTT_JAX_KERNELS=0"
-  if not _enabled[0]:
-    return "turned off by bptt_jax.use_kernels(False)"
+def _off_reason(enabled) -> str | None:
+  if not enabled:
+    return "turned off (bptt_jax.use_kernels(False) or BPTT_JAX_KERNELS=0)"
   if jax.default_backend() != "cpu":
     return f"the default backend is {jax.default_backend()}, not the CPU"
   if jax.device_count() != 1:
-    return (f"{jax.device_count()} devices: the kernel does not split a batch over devices, "
-            "so sharded computations keep the JAX path")
+    return (f"{jax.device_count()} devices: the kernels do not split a batch over devices, "
+            "so sharded computations keep the JAX paths")
   return None
+
+
+def _on(family: str) -> bool:
+  enabled = _enabled()
+  return family in enabled and _off_reason(enabled) is None
 
 
 def usable(name: str, params, xs, carry, mask) -> bool:
   """Whether the kernel runs cell ``name`` here (decided at trace time)."""
-  if name not in _KINDS or mask is not None or _off_reason() is not None:
+  if name not in _KINDS or mask is not None or not _on("rnn"):
     return False
   if not isinstance(params, dict) or set(params) != _PARAM_KEYS[name]:
     return False
@@ -324,7 +370,7 @@ _backward.defjvp(_no_second_derivative)
 
 def scan_usable(a, b, s0) -> bool:
   """Whether the kernel runs ``s_t = a_t s_{t-1} + b_t`` here (decided at trace time)."""
-  if _off_reason() is not None or b.ndim != 3 or b.shape[0] == 0 or b.size == 0:
+  if not _on("linear_scan") or b.ndim != 3 or b.shape[0] == 0 or b.size == 0:
     return False
   if any(getattr(x, "dtype", None) != jnp.float32 for x in (a, b, s0)):
     return False

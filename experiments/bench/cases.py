@@ -42,9 +42,11 @@ TUNED_MALLOC = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0",
 IMPLS = {
     "bptt_jax": Impl("bptt_jax"),
     "bptt_jax_bf16": Impl("bptt_jax", {"dtype": "bfloat16"}),
-    "bptt_jax_fused": Impl("bptt_jax", env={"BPTT_JAX_KERNELS": "0"}),  # pure JAX, no oneDNN
-    "bptt_jax_fused_malloc": Impl("bptt_jax", env={"BPTT_JAX_KERNELS": "0", **TUNED_MALLOC}),
-    "bptt_jax_omp1": Impl("bptt_jax", env={"OMP_NUM_THREADS": "1"}),  # oneDNN on one thread
+    "bptt_jax_fused": Impl("bptt_jax", env={"BPTT_JAX_KERNELS": "0"}),  # pure JAX, no C++ kernel
+    "bptt_jax_onednn": Impl("bptt_jax", env={"BPTT_JAX_KERNELS": "all"}),  # oneDNN's RNN kernels
+    "bptt_jax_onednn_malloc": Impl("bptt_jax", env={"BPTT_JAX_KERNELS": "all", **TUNED_MALLOC}),
+    "bptt_jax_onednn_omp1": Impl("bptt_jax", env={"BPTT_JAX_KERNELS": "all",
+                                                  "OMP_NUM_THREADS": "1"}),
     "bptt_jax_malloc": Impl("bptt_jax", env=TUNED_MALLOC),
     "bptt_jax_autodiff": Impl("bptt_jax", {"fused": False}),
     "bptt_jax_hoisted": Impl("bptt_jax", {"fused": False, "hoist": True}),
@@ -277,4 +279,4 @@ def framework_info(impl: Impl) -> dict:
   import bptt_jax
 
   return {"jax": jax.__version__, "backend": jax.default_backend(),
-          "rnn_kernels": bptt_jax.kernels().backend}
+          "kernels": ",".join(bptt_jax.kernels().enabled) or "none"}
