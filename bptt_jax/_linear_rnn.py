@@ -276,9 +276,26 @@ def _dense(key, input_size, width, input_init, dtype):
           "b": jnp.zeros((width,), dtype)}
 
 
-def _affine(params, xs):
-  xw = xs @ params["W"]
-  return xw + _row(params["b"], xw)
+def _matmul(xs, w):
+  """``xs [..., D] @ w [D, K]`` as one 2-D matmul ``[prod(...), D] x [D, K]``.
+
+  For the weight gradient ``xs^T g`` of a batched (3-D) product, XLA on CPU
+  first copies ``g`` ``[..., K]`` into a transposed ``[K, prod(...)]`` layout;
+  of a 2-D product it does not.
+  """
+  return (xs.reshape(-1, xs.shape[-1]) @ w).reshape(xs.shape[:-1] + w.shape[1:])
+
+
+def _affine_blocks(params, xs, n):
+  """``xs W + b`` as ``n`` arrays ``[..., K/n]``, one matmul per column block of ``W``.
+
+  Separate products keep each block's gradient its own array: the backward pass
+  concatenates no ``[..., K]`` gradient and copies no block out of one.
+  """
+  W, bias = params["W"], params["b"]
+  width = W.shape[1] // n
+  blocks = (slice(i * width, (i + 1) * width) for i in range(n))
+  return [_matmul(xs, W[:, c]) + _row(bias[c], xs) for c in blocks]
 
 
 # ----------------------------------------------------------------------------
@@ -316,7 +333,7 @@ def min_gru(hidden_size: int, *, input_init="glorot_uniform", dtype=jnp.float32)
   _input_init(input_init)
 
   def coefficients(params, xs):
-    k, h_tilde = jnp.split(_affine(params, xs), 2, axis=-1)
+    k, h_tilde = _affine_blocks(params, xs, 2)
     return jax.nn.sigmoid(-k), jax.nn.sigmoid(k) * h_tilde
 
   linear = LinearRecurrence(coefficients, lambda params, s, xs: s, _identity, _identity)
@@ -353,7 +370,7 @@ def min_lstm(hidden_size: int, *, input_init="glorot_uniform", dtype=jnp.float32
   _input_init(input_init)
 
   def coefficients(params, xs):
-    f, i, h_tilde = jnp.split(_affine(params, xs), 3, axis=-1)
+    f, i, h_tilde = _affine_blocks(params, xs, 3)
     log_ratio = jax.nn.softplus(-i) - jax.nn.softplus(-f)  # log(sigma(f) / sigma(i))
     return jax.nn.sigmoid(log_ratio), jax.nn.sigmoid(-log_ratio) * h_tilde
 
