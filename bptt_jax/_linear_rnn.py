@@ -128,25 +128,42 @@ def _at(x: Array, t, axis: int) -> Array:
 
 def _sequential(a: Array, b: Array, s0: Array, *, reverse: bool = False, shift: bool = False,
                 unroll: int = 1, axis: int = 0) -> Array:
-  """``s_t = a_t s_{t-1} + b_t`` from ``s0``, one step per loop iteration, in place.
+  """``s_t = a_t s_{t-1} + b_t`` from ``s0``, ``unroll`` steps per loop iteration, in place.
 
-  The loop carries only the state and writes each ``s_t`` over ``b_t`` (read
-  just before): no buffer of zeros for the outputs and no copy of ``b`` with
-  ``s0`` folded in. With ``reverse`` it runs from the last step back to the
-  first; with ``shift`` step ``t`` uses ``a_{t+1}`` (the BPTT adjoint,
-  ``lambda_t = g_t + a_{t+1} lambda_{t+1}``), read in place rather than from a
-  shifted copy of ``a``: at ``t = T - 1`` the index is clamped and multiplies
-  the zero state, as ``a_{T+1} = 0`` would.
+  The loop carries only the state and writes each block of ``unroll`` states
+  over the block of ``b`` it read (one slice in, one update out): no buffer of
+  zeros for the outputs and no copy of ``b`` with ``s0`` folded in. With
+  ``reverse`` it runs from the last step back to the first; with ``shift``
+  step ``t`` uses ``a_{t+1}`` (the BPTT adjoint, ``lambda_t = g_t + a_{t+1}
+  lambda_{t+1}``), read in place rather than from a shifted copy of ``a``: at
+  ``t = T - 1`` the index is clamped and multiplies the zero state, as
+  ``a_{T+1} = 0`` would. The ``T % unroll`` steps left over run after the loop.
   """
   T = b.shape[axis]
+  size = min(unroll, T)
+  n, rest = divmod(T, size)
+
+  def block(t0, length, carry):  # steps t0 .. t0 + length - 1
+    s, out = carry
+    bs = jax.lax.dynamic_slice_in_dim(out, t0, length, axis)
+    as_ = a if a.shape[axis] == 1 else jax.lax.dynamic_slice_in_dim(a, t0, length, axis)
+    states = [None] * length
+    for c in (range(length - 1, -1, -1) if reverse else range(length)):
+      if shift:
+        a_c = _at(as_, c + 1, axis) if c + 1 < length else _at(a, t0 + length, axis)
+      else:
+        a_c = _at(as_, c, axis)
+      s = a_c * s + jax.lax.index_in_dim(bs, c, axis, keepdims=False)
+      states[c] = s
+    return s, jax.lax.dynamic_update_slice_in_dim(out, jnp.stack(states, axis), t0, axis)
 
   def body(i, carry):
-    s, out = carry
-    t = T - 1 - i if reverse else i
-    s = _at(a, t + 1 if shift else t, axis) * s + _at(out, t, axis)
-    return s, jax.lax.dynamic_update_index_in_dim(out, s, t, axis)
+    return block((n - 1 - i) * size + rest if reverse else i * size, size, carry)
 
-  return jax.lax.fori_loop(0, T, body, (s0, b), unroll=unroll)[1]
+  carry = jax.lax.fori_loop(0, n, body, (s0, b))
+  if rest:  # the T % unroll steps left: the last ones, or the first ones in reverse
+    carry = block(0 if reverse else n * size, rest, carry)
+  return carry[1]
 
 
 def _with_start(a, b, s0, axis=0):
