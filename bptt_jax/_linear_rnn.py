@@ -473,11 +473,12 @@ def lru(hidden_size: int, state_size: int | None = None, *, r_min: float = 0.0,
   def coefficients(params, xs):
     lam = jnp.exp(-jnp.exp(params["nu_log"]) + 1j * jnp.exp(params["theta_log"]))
     gamma = jnp.exp(params["gamma_log"])
-    bx = (xs @ params["B_re"]) * _row(gamma, xs) + 1j * ((xs @ params["B_im"]) * _row(gamma, xs))
+    bx = (_matmul(xs, params["B_re"]) * _row(gamma, xs)
+          + 1j * (_matmul(xs, params["B_im"]) * _row(gamma, xs)))
     return lam.reshape((1,) * (xs.ndim - 1) + lam.shape), bx
 
   def output(params, states, xs):
-    y = states.real @ params["C_re"] - states.imag @ params["C_im"]
+    y = _matmul(states.real, params["C_re"]) - _matmul(states.imag, params["C_im"])
     return y + xs * _row(params["D"], xs)
 
   def to_state(carry):
