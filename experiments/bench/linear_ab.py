@@ -7,7 +7,9 @@ cell, the readout, the mean squared error, clipping and Adam) four times: with
 this checkout's ``bptt_jax/_linear_rnn.py`` and with the one at ``--ref``
 (``git show``, loaded in its place), each also with the linear scan replaced
 by a stand-in that returns ``b`` (same shapes, no loop): the time of
-everything but the loop. ``--gru`` adds the fused GRU's step. The steps run in
+everything but the loop (where the C++ kernel runs the loop instead, it is not
+stubbed). ``--no-kernels-too`` adds both versions traced under
+``bptt_jax.use_kernels(False)``; ``--gru`` adds the fused GRU's step. The steps run in
 turn, one call each per round, for ``--reps`` rounds; each one's median and its
 median ratio to the first (ratios of calls in the same round) are printed, so
 that a machine whose speed drifts still gives a fair comparison.
@@ -40,9 +42,10 @@ def load_ref_module(ref: str):
   return module
 
 
-def compiled_step(cell, method, module=None, stub=False):
+def compiled_step(cell, method, module=None, stub=False, kernels=True):
   """``step()`` of the benchmark's train case, traced with ``module``'s linear recurrence
-  (this checkout's when ``None``), its scan replaced by ``b`` if ``stub``."""
+  (this checkout's when ``None``), its scan replaced by ``b`` if ``stub``, and under
+  ``bptt_jax.use_kernels(kernels)``."""
   import jax.numpy as jnp  # noqa: F401  (jax loads before the module is swapped)
 
   import bptt_jax as bj
@@ -58,7 +61,8 @@ def compiled_step(cell, method, module=None, stub=False):
       setattr(module, scan_name, lambda config, a, b, s0: b)
     unroll = {} if cell == "gru" else {"method": method}
     case = bptt_jax_case(cell, CONFIGS["long"], "train", unroll)
-    fn = case.fn.lower(case.state, case.batch).compile()  # traced now, with the swap in place
+    with bj.use_kernels(kernels):  # traced now, with the swap in place
+      fn = case.fn.lower(case.state, case.batch).compile()
   finally:
     _linear_rnn.run, bj.min_gru, bj.min_lstm = saved[:3]
     setattr(module, scan_name, saved[3])
@@ -72,6 +76,8 @@ def main():
   parser.add_argument("--method", default="sequential", choices=["sequential", "parallel"])
   parser.add_argument("--reps", type=int, default=9, help="rounds (one call of each a round)")
   parser.add_argument("--gru", action="store_true", help="also time the fused GRU's step")
+  parser.add_argument("--no-kernels-too", dest="no_kernels", action="store_true",
+                      help="also time both versions under bptt_jax.use_kernels(False)")
   args = parser.parse_args()
 
   ref = load_ref_module(args.ref)
@@ -81,6 +87,9 @@ def main():
       "this checkout": compiled_step(args.cell, args.method),
       "this checkout, loop stubbed": compiled_step(args.cell, args.method, stub=True),
   }
+  if args.no_kernels:
+    steps[f"{args.ref}, no kernels"] = compiled_step(args.cell, args.method, ref, kernels=False)
+    steps["this checkout, no kernels"] = compiled_step(args.cell, args.method, kernels=False)
   if args.gru:
     steps["fused GRU"] = compiled_step("gru", args.method)
   for step in steps.values():  # warm up
