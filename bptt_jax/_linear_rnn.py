@@ -103,38 +103,83 @@ def _compose(first, second):
   return a2 * a1, a2 * b1 + b2
 
 
-def _solve(method: str, a: Array, b: Array, *, reverse: bool = False, unroll: int = 1) -> Array:
+def _solve(method: str, a: Array, b: Array, *, reverse: bool = False, unroll: int = 1,
+           axis: int = 0) -> Array:
   """``s_t = a_t s_{t-1} + b_t`` from ``s = 0`` (``reverse``: from the end backwards).
 
-  ``unroll`` is ``jax.lax.scan``'s, for the sequential method.
+  ``unroll`` is ``jax.lax.scan``'s, for the sequential method; ``axis`` is the time axis.
   """
   if method == "parallel":
     a = jnp.broadcast_to(a, b.shape)
-    return jax.lax.associative_scan(_compose, (a, b), reverse=reverse, axis=0)[1]
-
-  def body(s, ab):
-    a_t, b_t = ab
-    s = a_t * s + b_t
-    return s, s
-
-  a = jnp.broadcast_to(a, b.shape)
-  return jax.lax.scan(body, jnp.zeros_like(b[0]), (a, b), reverse=reverse, unroll=unroll)[1]
+    return jax.lax.associative_scan(_compose, (a, b), reverse=reverse, axis=axis)[1]
+  zeros = jnp.zeros_like(jax.lax.index_in_dim(b, 0, axis, keepdims=False))
+  return _sequential(a, b, zeros, reverse=reverse, unroll=unroll, axis=axis)
 
 
-def _with_start(a, b, s0):
+def _at(x: Array, t, axis: int) -> Array:
+  """Step ``t`` of ``x`` along ``axis``; step 0 where ``x`` is broadcast in time (size 1).
+
+  A dynamic ``t`` outside ``[0, T)`` is clamped, as ``jax.lax.dynamic_slice`` does.
+  """
+  if x.shape[axis] == 1:
+    return jax.lax.index_in_dim(x, 0, axis, keepdims=False)
+  return jax.lax.dynamic_index_in_dim(x, t, axis, keepdims=False)
+
+
+def _sequential(a: Array, b: Array, s0: Array, *, reverse: bool = False, shift: bool = False,
+                unroll: int = 1, axis: int = 0) -> Array:
+  """``s_t = a_t s_{t-1} + b_t`` from ``s0``, ``unroll`` steps per loop iteration, in place.
+
+  The loop carries only the state and writes each block of ``unroll`` states
+  over the block of ``b`` it read (one slice in, one update out): no buffer of
+  zeros for the outputs and no copy of ``b`` with ``s0`` folded in. With
+  ``reverse`` it runs from the last step back to the first; with ``shift``
+  step ``t`` uses ``a_{t+1}`` (the BPTT adjoint, ``lambda_t = g_t + a_{t+1}
+  lambda_{t+1}``), read in place rather than from a shifted copy of ``a``: at
+  ``t = T - 1`` the index is clamped and multiplies the zero state, as
+  ``a_{T+1} = 0`` would. The ``T % unroll`` steps left over run after the loop.
+  """
+  T = b.shape[axis]
+  size = min(unroll, T)
+  n, rest = divmod(T, size)
+
+  def block(t0, length, carry):  # steps t0 .. t0 + length - 1
+    s, out = carry
+    bs = jax.lax.dynamic_slice_in_dim(out, t0, length, axis)
+    as_ = a if a.shape[axis] == 1 else jax.lax.dynamic_slice_in_dim(a, t0, length, axis)
+    states = [None] * length
+    for c in (range(length - 1, -1, -1) if reverse else range(length)):
+      if shift:
+        a_c = _at(as_, c + 1, axis) if c + 1 < length else _at(a, t0 + length, axis)
+      else:
+        a_c = _at(as_, c, axis)
+      s = a_c * s + jax.lax.index_in_dim(bs, c, axis, keepdims=False)
+      states[c] = s
+    return s, jax.lax.dynamic_update_slice_in_dim(out, jnp.stack(states, axis), t0, axis)
+
+  def body(i, carry):
+    return block((n - 1 - i) * size + rest if reverse else i * size, size, carry)
+
+  carry = jax.lax.fori_loop(0, n, body, (s0, b))
+  if rest:  # the T % unroll steps left: the last ones, or the first ones in reverse
+    carry = block(0 if reverse else n * size, rest, carry)
+  return carry[1]
+
+
+def _with_start(a, b, s0, axis=0):
   """``b`` with ``a_1 s_0`` folded into its first step, so the scan starts from zero."""
-  a0 = jnp.broadcast_to(a[0], b.shape[1:])
-  return jnp.concatenate([(a0 * s0 + b[0])[None], b[1:]], axis=0)
+  a0 = jnp.broadcast_to(jax.lax.index_in_dim(a, 0, axis, keepdims=False), s0.shape)
+  first = jnp.expand_dims(a0 * s0 + jax.lax.index_in_dim(b, 0, axis, keepdims=False), axis)
+  return jnp.concatenate([first, jax.lax.slice_in_dim(b, 1, None, axis=axis)], axis=axis)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def linear_scan(config, a: Array, b: Array, s0: Array) -> Array:
   """All states of ``s_t = a_t * s_{t-1} + b_t``, ``t = 1..T``, from ``s_0``.
 
   Args:
     config: ``(method, unroll)``: ``"parallel"`` (``jax.lax.associative_scan``)
-      or ``"sequential"`` (``jax.lax.scan`` with ``unroll`` steps per
-      iteration); the backward pass is the same kind of scan, reversed.
+      or ``"sequential"`` (a loop with ``unroll`` steps per iteration); the
+      backward pass is the same kind of scan, reversed.
     a: ``[T, B, N]`` (or broadcastable to it, e.g. ``[1, 1, N]``).
     b: ``[T, B, N]``.
     s0: ``[B, N]``.
@@ -143,30 +188,49 @@ def linear_scan(config, a: Array, b: Array, s0: Array) -> Array:
     ``[T, B, N]``: ``s_1 .. s_T``.
   """
   method, unroll = config
-  return _solve(method, a, _with_start(a, b, s0), unroll=unroll)
+  return _scan((method, unroll, 0), a, b, s0)
 
 
-def _linear_scan_fwd(config, a, b, s0):
-  states = linear_scan(config, a, b, s0)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _scan(config, a: Array, b: Array, s0: Array) -> Array:
+  """:func:`linear_scan` along time axis ``axis`` (``config = (method, unroll, axis)``):
+  ``a`` and ``b`` ``[T, B, N]`` (axis 0) or ``[B, T, N]`` (axis 1), ``s0`` ``[B, N]``."""
+  method, unroll, axis = config
+  if method == "parallel":
+    return _solve(method, a, _with_start(a, b, s0, axis), axis=axis)
+  return _sequential(a, b, s0, unroll=unroll, axis=axis)
+
+
+def _scan_fwd(config, a, b, s0):
+  states = _scan(config, a, b, s0)
   return states, (a, s0, states)
 
 
-def _linear_scan_bwd(config, res, g):
-  method, unroll = config
+def _scan_bwd(config, res, g):
+  method, unroll, axis = config
   a, s0, states = res
-  a_full = jnp.broadcast_to(a, g.shape)
+  T = g.shape[axis]
   # lambda_t = g_t + a_{t+1} lambda_{t+1}: a reverse scan with the coefficients shifted by one.
-  a_next = jnp.concatenate([a_full[1:], jnp.zeros_like(a_full[:1])], axis=0)
-  lam = _solve(method, a_next, g, reverse=True, unroll=unroll)
-  s_prev = jnp.concatenate([s0[None], states[:-1]], axis=0)
+  if method == "parallel":
+    a_full = jnp.broadcast_to(a, g.shape)
+    a_next = jnp.concatenate([jax.lax.slice_in_dim(a_full, 1, None, axis=axis),
+                              jnp.zeros_like(jax.lax.slice_in_dim(a_full, 0, 1, axis=axis))],
+                             axis=axis)
+    lam = _solve(method, a_next, g, reverse=True, axis=axis)
+  else:
+    lam = _sequential(a, g, jnp.zeros_like(s0), reverse=True, shift=True, unroll=unroll,
+                      axis=axis)
+  s_prev = jnp.concatenate(
+      [jnp.expand_dims(s0, axis), jax.lax.slice_in_dim(states, 0, T - 1, axis=axis)], axis=axis)
   da = lam * s_prev
   if a.shape != g.shape:  # a was broadcast: sum its gradient back to its shape
     axes = tuple(i for i, (n, m) in enumerate(zip(a.shape, g.shape)) if n == 1 and m != 1)
     da = jnp.sum(da, axis=axes, keepdims=True)
-  return da, lam, a_full[0] * lam[0]
+  a_1 = jnp.broadcast_to(_at(a, 0, axis), s0.shape)
+  return da, lam, a_1 * jax.lax.index_in_dim(lam, 0, axis, keepdims=False)
 
 
-linear_scan.defvjp(_linear_scan_fwd, _linear_scan_bwd)
+_scan.defvjp(_scan_fwd, _scan_bwd)
 
 
 def run(linear: LinearRecurrence, params, carry, inputs, mask, method: str, unroll: int = 1):
@@ -174,24 +238,36 @@ def run(linear: LinearRecurrence, params, carry, inputs, mask, method: str, unro
 
   ``mask`` is ``None`` or ``[T, B]`` booleans; masked steps keep the state and
   output zeros. Masked inputs are already zeros (``unroll`` selects them out).
+
+  The JAX scans work batch-major (``[B, T, ...]``, time on axis 1): the
+  transposes here cancel against :func:`bptt_jax.unroll`'s, so that no
+  ``[T, B, H]`` array is transposed for a batch-major caller. The C++ kernel
+  (``method="sequential"`` where :func:`bptt_jax.kernels` has it) reads
+  time-major ``[T, B*N]`` rows, so its path stays time-major throughout: the
+  coefficients are computed time-major rather than transposed for it.
   """
   T = inputs.shape[0]
   s0 = linear.to_state(carry)
   if T == 0:
     return carry, linear.output(params, jnp.zeros((0,) + s0.shape, s0.dtype), inputs)
-  a, b = linear.coefficients(params, inputs)
+  kernel = method == "sequential" and _kernel.scan_usable(
+      *jax.eval_shape(linear.coefficients, params, inputs), s0)
+  axis = 0 if kernel else 1
+  xs = inputs if kernel else jnp.swapaxes(inputs, 0, 1)
+  a, b = linear.coefficients(params, xs)
   if mask is not None:
-    m = mask[..., None]
+    m = (mask if kernel else jnp.swapaxes(mask, 0, 1))[..., None]
     a = jnp.where(m, a, jnp.ones((), a.dtype))
     b = jnp.where(m, b, jnp.zeros((), b.dtype))
-  if method == "sequential" and _kernel.scan_usable(a, b, s0):
+  if kernel:
     states = _kernel.linear_scan(a, b, s0)  # the same recurrence in one pass of C++ loops
   else:
-    states = linear_scan((method, unroll), a, b, s0)
-  hs = linear.output(params, states, inputs)
+    states = _scan((method, unroll, axis), a, b, s0)
+  hs = linear.output(params, states, xs)
   if mask is not None:
-    hs = jnp.where(mask[..., None], hs, jnp.zeros((), hs.dtype))
-  return linear.from_state(states[-1]), hs
+    hs = jnp.where(m, hs, jnp.zeros((), hs.dtype))
+  last = jax.lax.index_in_dim(states, -1, axis, keepdims=False)
+  return linear.from_state(last), (hs if kernel else jnp.swapaxes(hs, 0, 1))
 
 
 def _cell(name, hidden_size, init, initial_carry, linear, hidden, input_size) -> Cell:
@@ -220,9 +296,26 @@ def _dense(key, input_size, width, input_init, dtype):
           "b": jnp.zeros((width,), dtype)}
 
 
-def _affine(params, xs):
-  xw = xs @ params["W"]
-  return xw + _row(params["b"], xw)
+def _matmul(xs, w):
+  """``xs [..., D] @ w [D, K]`` as one 2-D matmul ``[prod(...), D] x [D, K]``.
+
+  For the weight gradient ``xs^T g`` of a batched (3-D) product, XLA on CPU
+  first copies ``g`` ``[..., K]`` into a transposed ``[K, prod(...)]`` layout;
+  of a 2-D product it does not.
+  """
+  return (xs.reshape(-1, xs.shape[-1]) @ w).reshape(xs.shape[:-1] + w.shape[1:])
+
+
+def _affine_blocks(params, xs, n):
+  """``xs W + b`` as ``n`` arrays ``[..., K/n]``, one matmul per column block of ``W``.
+
+  Separate products keep each block's gradient its own array: the backward pass
+  concatenates no ``[..., K]`` gradient and copies no block out of one.
+  """
+  W, bias = params["W"], params["b"]
+  width = W.shape[1] // n
+  blocks = (slice(i * width, (i + 1) * width) for i in range(n))
+  return [_matmul(xs, W[:, c]) + _row(bias[c], xs) for c in blocks]
 
 
 # ----------------------------------------------------------------------------
@@ -260,7 +353,7 @@ def min_gru(hidden_size: int, *, input_init="glorot_uniform", dtype=jnp.float32)
   _input_init(input_init)
 
   def coefficients(params, xs):
-    k, h_tilde = jnp.split(_affine(params, xs), 2, axis=-1)
+    k, h_tilde = _affine_blocks(params, xs, 2)
     return jax.nn.sigmoid(-k), jax.nn.sigmoid(k) * h_tilde
 
   linear = LinearRecurrence(coefficients, lambda params, s, xs: s, _identity, _identity)
@@ -297,7 +390,7 @@ def min_lstm(hidden_size: int, *, input_init="glorot_uniform", dtype=jnp.float32
   _input_init(input_init)
 
   def coefficients(params, xs):
-    f, i, h_tilde = jnp.split(_affine(params, xs), 3, axis=-1)
+    f, i, h_tilde = _affine_blocks(params, xs, 3)
     log_ratio = jax.nn.softplus(-i) - jax.nn.softplus(-f)  # log(sigma(f) / sigma(i))
     return jax.nn.sigmoid(log_ratio), jax.nn.sigmoid(-log_ratio) * h_tilde
 
@@ -383,11 +476,12 @@ def lru(hidden_size: int, state_size: int | None = None, *, r_min: float = 0.0,
   def coefficients(params, xs):
     lam = jnp.exp(-jnp.exp(params["nu_log"]) + 1j * jnp.exp(params["theta_log"]))
     gamma = jnp.exp(params["gamma_log"])
-    bx = (xs @ params["B_re"]) * _row(gamma, xs) + 1j * ((xs @ params["B_im"]) * _row(gamma, xs))
+    bx = (_matmul(xs, params["B_re"]) * _row(gamma, xs)
+          + 1j * (_matmul(xs, params["B_im"]) * _row(gamma, xs)))
     return lam.reshape((1,) * (xs.ndim - 1) + lam.shape), bx
 
   def output(params, states, xs):
-    y = states.real @ params["C_re"] - states.imag @ params["C_im"]
+    y = _matmul(states.real, params["C_re"]) - _matmul(states.imag, params["C_im"])
     return y + xs * _row(params["D"], xs)
 
   def to_state(carry):

@@ -141,16 +141,29 @@ def test_parallel_equals_sequential_with_lengths_reverse_and_carry(name):
     np.testing.assert_allclose(f_p[2], carry[2], **VALUE_TOL[dtype])
 
 
-@pytest.mark.float64
+SCAN_TOL = {F32: (dict(rtol=1e-5, atol=1e-6), dict(rtol=1e-4, atol=1e-5)),
+            F64: (dict(rtol=1e-12, atol=1e-12), dict(rtol=1e-10, atol=1e-12))}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("complex_", [False, True])
+@pytest.mark.parametrize("unroll", [1, 4])
+@pytest.mark.parametrize("time_axis", [0, 1])
 @pytest.mark.parametrize("method", ["parallel", "sequential"])
-def test_linear_scan_backward_equals_autodiff_through_lax_scan(method, complex_):
+def test_linear_scan_backward_equals_autodiff_through_lax_scan(method, time_axis, unroll,
+                                                               complex_, dtype):
+  """The hand-written scan and its backward pass (time-major through ``linear_scan``,
+  batch-major through the internal ``_scan`` that ``unroll`` uses) against ``jax.vjp``
+  of a plain ``lax.scan`` loop."""
+  from bptt_jax._linear_rnn import _scan
+
   rng = np.random.default_rng(7)
   shape = (T, B, N)
 
   def draw(*s):
     a = rng.uniform(-1.0, 1.0, size=s)
-    return a + 1j * rng.uniform(-1.0, 1.0, size=s) if complex_ else a
+    a = a + 1j * rng.uniform(-1.0, 1.0, size=s) if complex_ else a
+    return jnp.asarray(a, jnp.result_type(dtype, 1j) if complex_ else dtype)
 
   a, b, s0, g = draw(*shape), draw(*shape), draw(B, N), draw(*shape)
 
@@ -160,16 +173,23 @@ def test_linear_scan_backward_equals_autodiff_through_lax_scan(method, complex_)
       return s, s
     return jax.lax.scan(body, s0, (a, b))[1]
 
-  got, vjp = jax.vjp(lambda a, b, s0: bj.linear_scan((method, 1), a, b, s0), a, b, s0)
+  def scan(a, b, s0):  # time-major in and out, whatever the time axis inside
+    if time_axis == 0:
+      return bj.linear_scan((method, unroll), a, b, s0)
+    swap = lambda x: jnp.swapaxes(x, 0, 1)  # noqa: E731
+    return swap(_scan((method, unroll, 1), swap(a), swap(b), s0))
+
+  value_tol, grad_tol = SCAN_TOL[dtype]
+  got, vjp = jax.vjp(jax.jit(scan), a, b, s0)
   want, vjp_ref = jax.vjp(autodiff_reference, a, b, s0)
-  np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+  np.testing.assert_allclose(got, want, **value_tol)
   for x, y in zip(vjp(g), vjp_ref(g)):
-    np.testing.assert_allclose(x, y, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(x, y, **grad_tol)
   # A coefficient shared by all steps and rows ([1, 1, N]) gets its gradient summed.
   a_shared = a[:1, :1]
-  _, vjp = jax.vjp(lambda a: bj.linear_scan((method, 1), a, b, s0), a_shared)
+  _, vjp = jax.vjp(jax.jit(lambda a: scan(a, b, s0)), a_shared)
   _, vjp_ref = jax.vjp(lambda a: autodiff_reference(jnp.broadcast_to(a, shape), b, s0), a_shared)
-  np.testing.assert_allclose(vjp(g)[0], vjp_ref(g)[0], rtol=1e-10, atol=1e-12)
+  np.testing.assert_allclose(vjp(g)[0], vjp_ref(g)[0], **grad_tol)
 
 
 @pytest.mark.parametrize("method", ["parallel", "sequential"])
