@@ -194,7 +194,8 @@ def _build() -> tuple[Path | None, str]:
                            capture_output=True, text=True, timeout=600)
       if run.returncode != 0:
         partial.unlink(missing_ok=True)
-        tail = "\n".join(run.stderr.strip().splitlines()[-5:])
+        lines = run.stderr.strip().splitlines()
+        tail = "\n".join(([l for l in lines if "error" in l] or lines)[:5])
         return None, f"building the oneDNN kernels failed ({compiler}):\n{tail}"
       os.replace(partial, target)
   except (OSError, subprocess.SubprocessError) as e:

@@ -15,9 +15,16 @@ import pytest
 import bptt_jax as bj
 from bptt_jax import _kernel
 
-STATUS = bj.kernels()
+LIBRARY, WHY = _kernel._library()
 needs_kernels = pytest.mark.skipif(
-    not STATUS.active, reason=f"the oneDNN kernels are not available here: {STATUS.reason}")
+    LIBRARY is None, reason=f"the CPU kernels are not available here: {WHY}")
+
+
+@pytest.fixture(autouse=True)
+def all_kernels():
+  """Every kernel family on (the default leaves some off); tests turn them off where they say."""
+  with bj.use_kernels(True):
+    yield
 
 CELLS = {"rnn_tanh": lambda H: bj.rnn(H, "tanh"), "rnn_relu": lambda H: bj.rnn(H, "relu"),
          "lstm": bj.lstm, "gru": bj.gru}
@@ -174,25 +181,41 @@ def test_kernel_applies_only_where_it_can(case):
 
 
 def test_switches_and_status(monkeypatch):
-  with pytest.raises(TypeError, match="True or False"):
-    bj.use_kernels("no")
-  before = bj.kernels()
+  for bad in ("no", ["rnn", "lstm"], [], 3):
+    with pytest.raises(TypeError, match="True, False or kernel names"):
+      bj.use_kernels(bad)
   with bj.use_kernels(False):
     off = bj.kernels()
-    assert (off.active, off.backend) == (False, "jax")
-    assert "use_kernels(False)" in off.reason
-  assert bj.kernels() == before
+    assert (off.active, off.enabled) == (False, ())
+    assert "turned off" in off.reason
+    with bj.use_kernels("rnn"):
+      assert _kernel._enabled() == ("rnn",)
+    assert _kernel._enabled() == ()
+  assert _kernel._enabled() == ("linear_scan", "rnn")  # the fixture's setting, restored
+  with bj.use_kernels(["rnn", "linear_scan"]):
+    assert _kernel._enabled() == ("linear_scan", "rnn")
+  # Without a call, the environment decides, else the default.
+  monkeypatch.setattr(_kernel, "_setting", [None])
+  monkeypatch.delenv("BPTT_JAX_KERNELS", raising=False)
+  assert _kernel._enabled() == _kernel.DEFAULT
+  for env, expected in (("0", ()), ("all", ("linear_scan", "rnn")), ("rnn", ("rnn",)),
+                        ("linear_scan, rnn", ("linear_scan", "rnn"))):
+    monkeypatch.setenv("BPTT_JAX_KERNELS", env)
+    assert _kernel._enabled() == expected, env
+  monkeypatch.setenv("BPTT_JAX_KERNELS", "fast")
+  with pytest.raises(TypeError, match="BPTT_JAX_KERNELS"):
+    _kernel._enabled()
   monkeypatch.setenv("BPTT_JAX_KERNELS", "0")
-  assert "BPTT_JAX_KERNELS=0" in bj.kernels().reason
   assert not _kernel.usable("lstm", {"W": 0, "U": 0, "b": 0}, jnp.zeros((1, 1, 1)), None, None)
 
 
 @needs_kernels
 def test_status_describes_the_library():
-  assert STATUS.backend == "onednn"
-  assert STATUS.onednn_version.count(".") == 2
-  assert STATUS.threads >= 1
-  assert STATUS.library.endswith(".so")
+  status = bj.kernels()
+  assert status.active and status.enabled == ("linear_scan", "rnn")
+  assert status.onednn_version.count(".") == 2
+  assert status.threads >= 1
+  assert status.library.endswith(".so")
 
 
 def test_missing_extension_falls_back_to_jax(monkeypatch):
@@ -202,8 +225,8 @@ def test_missing_extension_falls_back_to_jax(monkeypatch):
   expected = _run(_loss(cell, fused=False), params, xs, carry, cot)
   monkeypatch.setattr(_kernel, "_loaded", [(None, "simulated: the extension is absent")])
   status = bj.kernels()
-  assert (status.active, status.backend, status.reason) == (
-      False, "jax", "simulated: the extension is absent")
+  assert (status.active, status.enabled, status.reason) == (
+      False, (), "simulated: the extension is absent")
   assert not _uses_kernel(lambda *a: loss(*a)[0], params, xs, carry, cot)
   _close(_run(loss, params, xs, carry, cot), expected)
 

@@ -16,14 +16,18 @@
 //
 // Primitives are built once per (kind, T, B, D, H) and cached; weights are
 // reordered into the layout each primitive prefers on every call (O(weights),
-// small beside the sequence); the scratchpad is allocated per call, so calls
-// may run concurrently. oneDNN's backward pass accumulates into the weight
-// gradients: they are zeroed first.
+// small beside the sequence). The scratchpad and the reordered weights live in
+// buffers kept per thread and grown as needed: allocating them per call would
+// hand the primitive fresh pages to fault in on every step of training, and
+// per thread, calls from XLA's threads may run concurrently. oneDNN's backward
+// pass accumulates into the weight gradients: they are zeroed first.
 
 #include <omp.h>
 
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
+#include <new>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -138,6 +142,29 @@ Plan& GetPlan(const Key& key) {
   return *it->second;
 }
 
+// A buffer of at least `bytes`, 64-byte aligned, kept by this thread in slot `slot`.
+void* Kept(int slot, size_t bytes) {
+  struct Slot {
+    void* data = nullptr;
+    size_t size = 0;
+    ~Slot() { std::free(data); }
+  };
+  thread_local Slot slots[3];
+  Slot& s = slots[slot];
+  if (bytes > s.size) {
+    std::free(s.data);
+    s.size = (bytes + 63) / 64 * 64;
+    s.data = std::aligned_alloc(64, s.size);
+    if (s.data == nullptr) {
+      s.size = 0;
+      throw std::bad_alloc();
+    }
+  }
+  return s.data;
+}
+
+enum Slots { kScratch = 0, kWeightsLayer = 1, kWeightsIter = 2 };
+
 memory::desc ArgMd(const dnnl::primitive_desc& pd, int arg) {
   return pd.query_md(dnnl::query::exec_arg_md, arg);
 }
@@ -146,7 +173,8 @@ memory::desc ArgMd(const dnnl::primitive_desc& pd, int arg) {
 memory Prepared(const dnnl::primitive_desc& pd, int arg, const memory& user, dnnl::stream& s) {
   const auto want = ArgMd(pd, arg);
   if (want == user.get_desc()) return user;
-  memory copy(want, Engine());
+  const int slot = arg == DNNL_ARG_WEIGHTS_LAYER ? kWeightsLayer : kWeightsIter;
+  memory copy(want, Engine(), Kept(slot, want.get_size()));
   dnnl::reorder(user, copy).execute(s, const_cast<memory&>(user), copy);
   return copy;
 }
@@ -176,7 +204,8 @@ ffi::Error Forward(int64_t kind, int64_t training, ffi::Buffer<ffi::F32> xs,
     Plan& p = GetPlan(KeyOf(kind, xs, h0));
     const auto& pd = training ? p.train_pd : p.infer_pd;
     dnnl::stream s(Engine());
-    memory scratch(pd.scratchpad_desc(), Engine());
+    const auto scratch_md = pd.scratchpad_desc();
+    memory scratch(scratch_md, Engine(), Kept(kScratch, scratch_md.get_size()));
     std::unordered_map<int, memory> args = {
         {DNNL_ARG_SRC_LAYER, Wrap(p.src_layer, xs.typed_data())},
         {DNNL_ARG_SRC_ITER, Wrap(p.state, h0.typed_data())},
@@ -205,6 +234,8 @@ ffi::Error Forward(int64_t kind, int64_t training, ffi::Buffer<ffi::F32> xs,
     s.wait();
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("oneDNN: ") + e.what());
+  } catch (const std::bad_alloc&) {
+    return ffi::Error::Internal("bptt_rnn: out of memory for oneDNN's scratchpad");
   }
   return ffi::Error::Success();
 }
@@ -223,7 +254,8 @@ ffi::Error Backward(int64_t kind, ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32
     Plan& p = GetPlan(KeyOf(kind, xs, h0));
     const auto& pd = p.backward_pd;
     dnnl::stream s(Engine());
-    memory scratch(pd.scratchpad_desc(), Engine());
+    const auto scratch_md = pd.scratchpad_desc();
+    memory scratch(scratch_md, Engine(), Kept(kScratch, scratch_md.get_size()));
     // oneDNN adds the weight gradients to what the buffers hold.
     std::memset(dw->typed_data(), 0, dw->size_bytes());
     std::memset(du->typed_data(), 0, du->size_bytes());
@@ -258,6 +290,8 @@ ffi::Error Backward(int64_t kind, ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32
     s.wait();
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("oneDNN: ") + e.what());
+  } catch (const std::bad_alloc&) {
+    return ffi::Error::Internal("bptt_rnn: out of memory for oneDNN's scratchpad");
   }
   return ffi::Error::Success();
 }

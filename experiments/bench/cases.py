@@ -71,6 +71,9 @@ PARALLEL_VS_T_CASES = [
     ("min_gru", "bptt_jax_parallel"), ("min_gru", "bptt_jax_sequential"),
     ("min_lstm", "bptt_jax_parallel"), ("min_lstm", "bptt_jax_sequential"),
     ("gru", "bptt_jax_deer"), ("gru", "bptt_jax_quasi_deer"),
+    # the same without the C++ kernels (pure JAX), and with oneDNN's GRU/LSTM
+    ("min_gru", "bptt_jax_fused"), ("min_lstm", "bptt_jax_fused"),
+    ("gru", "bptt_jax_onednn"), ("lstm", "bptt_jax_onednn"),
 ]
 TORCH_IMPLS = {name for name, impl in IMPLS.items() if impl.kind == "torch"}
 
