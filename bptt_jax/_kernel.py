@@ -378,15 +378,20 @@ def scan_usable(a, b, s0) -> bool:
   return _library()[0] is not None
 
 
-def linear_scan(a: Array, b: Array, s0: Array) -> Array:
-  """``[T, B, N]`` states of ``s_t = a_t * s_{t-1} + b_t`` from ``s0`` ``[B, N]``, by the kernel.
+def linear_scan(a: Array, b: Array, s0: Array, axis: int = 0) -> Array:
+  """States of ``s_t = a_t * s_{t-1} + b_t`` from ``s0`` ``[B, N]``, by the kernel.
 
-  ``a`` may broadcast to ``b``'s shape (the LRU's ``[1, 1, N]``); autodiff sums
-  its gradient back. Only call where :func:`scan_usable` is true.
+  ``b`` is ``[T, B, N]`` (``axis=0``) or ``[B, T, N]`` (``axis=1``), and the
+  states come in its layout; ``a`` may broadcast to ``b``'s shape (the LRU's
+  ``[1, 1, N]``): autodiff sums its gradient back. Only call where
+  :func:`scan_usable` is true.
   """
-  T = b.shape[0]
   a = jnp.broadcast_to(a, b.shape)
-  states = _scan(a.reshape(T, -1), b.reshape(T, -1), s0.reshape(-1))
+  if axis == 0:  # one block of B*N units
+    T = b.shape[0]
+    states = _scan(a.reshape(1, T, -1), b.reshape(1, T, -1), s0.reshape(1, -1))
+  else:  # B blocks of N units
+    states = _scan(a, b, s0)
   return states.reshape(b.shape)
 
 

@@ -239,35 +239,30 @@ def run(linear: LinearRecurrence, params, carry, inputs, mask, method: str, unro
   ``mask`` is ``None`` or ``[T, B]`` booleans; masked steps keep the state and
   output zeros. Masked inputs are already zeros (``unroll`` selects them out).
 
-  The JAX scans work batch-major (``[B, T, ...]``, time on axis 1): the
+  The scans work batch-major (``[B, T, ...]``, time on axis 1): the
   transposes here cancel against :func:`bptt_jax.unroll`'s, so that no
-  ``[T, B, H]`` array is transposed for a batch-major caller. The C++ kernel
-  (``method="sequential"`` where :func:`bptt_jax.kernels` has it) reads
-  time-major ``[T, B*N]`` rows, so its path stays time-major throughout: the
-  coefficients are computed time-major rather than transposed for it.
+  ``[T, B, H]`` array is transposed for a batch-major caller. So does the C++
+  kernel (``method="sequential"`` where :func:`bptt_jax.kernels` has it).
   """
   T = inputs.shape[0]
   s0 = linear.to_state(carry)
   if T == 0:
     return carry, linear.output(params, jnp.zeros((0,) + s0.shape, s0.dtype), inputs)
-  kernel = method == "sequential" and _kernel.scan_usable(
-      *jax.eval_shape(linear.coefficients, params, inputs), s0)
-  axis = 0 if kernel else 1
-  xs = inputs if kernel else jnp.swapaxes(inputs, 0, 1)
+  xs = jnp.swapaxes(inputs, 0, 1)
   a, b = linear.coefficients(params, xs)
   if mask is not None:
-    m = (mask if kernel else jnp.swapaxes(mask, 0, 1))[..., None]
+    m = jnp.swapaxes(mask, 0, 1)[..., None]
     a = jnp.where(m, a, jnp.ones((), a.dtype))
     b = jnp.where(m, b, jnp.zeros((), b.dtype))
-  if kernel:
-    states = _kernel.linear_scan(a, b, s0)  # the same recurrence in one pass of C++ loops
+  if method == "sequential" and _kernel.scan_usable(a, b, s0):
+    states = _kernel.linear_scan(a, b, s0, axis=1)  # the same recurrence in C++ loops
   else:
-    states = _scan((method, unroll, axis), a, b, s0)
+    states = _scan((method, unroll, 1), a, b, s0)
   hs = linear.output(params, states, xs)
   if mask is not None:
     hs = jnp.where(m, hs, jnp.zeros((), hs.dtype))
-  last = jax.lax.index_in_dim(states, -1, axis, keepdims=False)
-  return linear.from_state(last), (hs if kernel else jnp.swapaxes(hs, 0, 1))
+  last = jax.lax.index_in_dim(states, -1, 1, keepdims=False)
+  return linear.from_state(last), jnp.swapaxes(hs, 0, 1)
 
 
 def _cell(name, hidden_size, init, initial_carry, linear, hidden, input_size) -> Cell:

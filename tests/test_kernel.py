@@ -272,19 +272,23 @@ def _numpy_scan(a, b, s0, g):
 @pytest.mark.parametrize("shape", [(1, 1, 1), (7, 3, 5), (40, 2, 300), (3, 1, 17)],
                          ids=lambda s: "T{}B{}N{}".format(*s))
 @pytest.mark.parametrize("broadcast", [False, True])
-def test_linear_scan_kernel_equals_a_loop(shape, broadcast):
+@pytest.mark.parametrize("axis", [0, 1], ids=["time_major", "batch_major"])
+def test_linear_scan_kernel_equals_a_loop(shape, broadcast, axis):
   T, B, N = shape
   ks = jax.random.split(jax.random.key(T * N), 4)
   a = jax.nn.sigmoid(jax.random.normal(ks[0], (1, 1, N) if broadcast else shape)) * 1.05
   b, g = jax.random.normal(ks[1], shape), jax.random.normal(ks[2], shape)
   s0 = jax.random.normal(ks[3], (B, N))
-  assert _kernel.scan_usable(a, b, s0)
-  states, vjp = jax.vjp(jax.jit(_kernel.linear_scan), a, b, s0)
-  da, db, ds0 = vjp(g)
+  swap = (lambda x: jnp.swapaxes(x, 0, 1)) if axis else (lambda x: x)  # noqa: E731
+  assert _kernel.scan_usable(swap(a), swap(b), s0)
+  run = jax.jit(functools.partial(_kernel.linear_scan, axis=axis))
+  states, vjp = jax.vjp(run, swap(a), swap(b), s0)
+  da, db, ds0 = vjp(swap(g))
   s_ref, da_ref, db_ref, ds0_ref = _numpy_scan(a, b, s0, g)
   if broadcast:
     da_ref = da_ref.sum(axis=(0, 1), keepdims=True)
-  for got, want in ((states, s_ref), (da, da_ref), (db, db_ref), (ds0, ds0_ref)):
+  for got, want in ((swap(states), s_ref), (swap(da), da_ref), (swap(db), db_ref),
+                    (ds0, ds0_ref)):
     assert got.shape == want.shape and got.dtype == jnp.float32
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
 

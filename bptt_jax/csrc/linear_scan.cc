@@ -3,15 +3,17 @@
 //   bptt_linear_scan_forward(a, b, s0) -> states
 //   bptt_linear_scan_backward(a, s0, states, g) -> (da, db, ds0)
 //
-// a, b, states, g: [T, M] float32 (M = B * N, the units side by side); s0: [M].
+// a, b, states, g: [P, T, Q] float32, P independent blocks of Q units over T
+// steps (time-major [T, B, N] is P = 1, Q = B * N; batch-major [B, T, N] is
+// P = B, Q = N); s0: [P, Q].
 // The backward pass is the reverse recurrence of the adjoint,
 //
 //   lambda_t = g_t + a_{t+1} lambda_{t+1},  da_t = lambda_t s_{t-1},  db_t = lambda_t,
 //   ds0 = a_1 lambda_1,
 //
 // in one pass from the end. Units are independent: OpenMP threads take
-// contiguous blocks of them, and each walks its block through time, so every
-// thread streams through rows of the arrays once.
+// contiguous ranges of the Q units (in every block), and each walks its range
+// through time, so every thread streams through rows of the arrays once.
 
 #include <omp.h>
 
@@ -35,27 +37,37 @@ int Threads(int64_t work) {  // below ~64K element-steps one thread is faster th
   return work < (1 << 16) ? 1 : omp_get_max_threads();
 }
 
+struct Shape {
+  int64_t P, T, Q;
+};
+
+Shape ShapeOf(ffi::Buffer<ffi::F32>& x) {
+  auto d = x.dimensions();
+  return Shape{d[0], d[1], d[2]};
+}
+
 ffi::Error Forward(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> s0,
                    ffi::ResultBuffer<ffi::F32> states) {
-  const int64_t T = a.dimensions()[0], M = a.dimensions()[1];
+  const auto [P, T, Q] = ShapeOf(a);
   const float* A = a.typed_data();
   const float* Bv = b.typed_data();
   const float* S0 = s0.typed_data();
   float* S = states->typed_data();
-#pragma omp parallel num_threads(Threads(T * M))
+#pragma omp parallel num_threads(Threads(P * T * Q))
   {
     int64_t lo, hi;
-    Block(M, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
-    if (T > 0) {
-      for (int64_t m = lo; m < hi; ++m) S[m] = A[m] * S0[m] + Bv[m];
-    }
-    for (int64_t t = 1; t < T; ++t) {
-      const float* at = A + t * M;
-      const float* bt = Bv + t * M;
-      const float* prev = S + (t - 1) * M;
-      float* st = S + t * M;
+    Block(Q, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
+    for (int64_t p = 0; p < P && T > 0; ++p) {
+      const int64_t base = p * T * Q;
+      for (int64_t q = lo; q < hi; ++q) S[base + q] = A[base + q] * S0[p * Q + q] + Bv[base + q];
+      for (int64_t t = 1; t < T; ++t) {
+        const float* at = A + base + t * Q;
+        const float* bt = Bv + base + t * Q;
+        const float* prev = S + base + (t - 1) * Q;
+        float* st = S + base + t * Q;
 #pragma omp simd
-      for (int64_t m = lo; m < hi; ++m) st[m] = at[m] * prev[m] + bt[m];
+        for (int64_t q = lo; q < hi; ++q) st[q] = at[q] * prev[q] + bt[q];
+      }
     }
   }
   return ffi::Error::Success();
@@ -65,7 +77,7 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> s0,
                     ffi::Buffer<ffi::F32> states, ffi::Buffer<ffi::F32> g,
                     ffi::ResultBuffer<ffi::F32> da, ffi::ResultBuffer<ffi::F32> db,
                     ffi::ResultBuffer<ffi::F32> ds0) {
-  const int64_t T = a.dimensions()[0], M = a.dimensions()[1];
+  const auto [P, T, Q] = ShapeOf(a);
   const float* A = a.typed_data();
   const float* S0 = s0.typed_data();
   const float* S = states.typed_data();
@@ -73,28 +85,31 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> s0,
   float* dA = da->typed_data();
   float* dB = db->typed_data();  // lambda, which the next (earlier) step reads back
   float* dS0 = ds0->typed_data();
-#pragma omp parallel num_threads(Threads(T * M))
+#pragma omp parallel num_threads(Threads(P * T * Q))
   {
     int64_t lo, hi;
-    Block(M, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
-    for (int64_t t = T - 1; t >= 0; --t) {
-      const float* gt = G + t * M;
-      const float* prev = t > 0 ? S + (t - 1) * M : S0;
-      float* lam = dB + t * M;
-      float* dat = dA + t * M;
-      if (t == T - 1) {
+    Block(Q, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
+    for (int64_t p = 0; p < P; ++p) {
+      const int64_t base = p * T * Q;
+      for (int64_t t = T - 1; t >= 0; --t) {
+        const float* gt = G + base + t * Q;
+        const float* prev = t > 0 ? S + base + (t - 1) * Q : S0 + p * Q;
+        float* lam = dB + base + t * Q;
+        float* dat = dA + base + t * Q;
+        if (t == T - 1) {
 #pragma omp simd
-        for (int64_t m = lo; m < hi; ++m) lam[m] = gt[m];
-      } else {
-        const float* a_next = A + (t + 1) * M;
-        const float* lam_next = dB + (t + 1) * M;
+          for (int64_t q = lo; q < hi; ++q) lam[q] = gt[q];
+        } else {
+          const float* a_next = A + base + (t + 1) * Q;
+          const float* lam_next = lam + Q;
 #pragma omp simd
-        for (int64_t m = lo; m < hi; ++m) lam[m] = gt[m] + a_next[m] * lam_next[m];
+          for (int64_t q = lo; q < hi; ++q) lam[q] = gt[q] + a_next[q] * lam_next[q];
+        }
+#pragma omp simd
+        for (int64_t q = lo; q < hi; ++q) dat[q] = lam[q] * prev[q];
       }
-#pragma omp simd
-      for (int64_t m = lo; m < hi; ++m) dat[m] = lam[m] * prev[m];
+      for (int64_t q = lo; q < hi; ++q) dS0[p * Q + q] = T > 0 ? A[base + q] * dB[base + q] : 0.0f;
     }
-    for (int64_t m = lo; m < hi; ++m) dS0[m] = T > 0 ? A[m] * dB[m] : 0.0f;
   }
   return ffi::Error::Success();
 }
