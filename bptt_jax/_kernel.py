@@ -1,34 +1,28 @@
-"""CPU kernels: oneDNN's whole-sequence RNN, LSTM and GRU, and the linear recurrence.
+"""CPU kernels: oneDNN's whole-sequence RNN, LSTM and GRU, called from XLA:CPU.
 
 XLA:CPU runs ``lax.scan`` one step at a time, with a fixed cost per iteration
-and per kernel. This module builds a small C++ extension with two families of
-XLA FFI handlers, each a forward and a backward call tied by a
-``jax.custom_vjp``:
-
-- ``"linear_scan"`` (``csrc/linear_scan.cc``): ``s_t = a_t s_{t-1} + b_t`` of
-  minGRU and minLSTM, forward in one pass and its adjoint backward in one pass,
-  units split over OpenMP threads. On by default: it measured faster than
-  ``lax.scan``.
-- ``"rnn"`` (``csrc/onednn_rnn.cc``): oneDNN's RNN primitives (``vanilla_rnn``,
-  ``lstm``, ``lbr_gru``) over the whole sequence, forward keeping a workspace
-  and backward from it. Off by default: with the oneDNN on the package
-  registry (3.2) it measured slower than the pure-JAX fused path on this
-  project's machines (README, Performance); ``use_kernels(True)`` turns it on.
+and per kernel. oneDNN's RNN primitives (``vanilla_rnn``, ``lstm``,
+``lbr_gru``) run the whole sequence as one call: forward keeping a workspace,
+and backward from it. This module builds a small C++ extension
+(``csrc/onednn_rnn.cc``) that exposes them as XLA FFI handlers, tied by a
+``jax.custom_vjp``. They are the kernel family ``"rnn"``, off by default: with
+the oneDNN on the package registry (3.2) they measured no faster than the
+pure-JAX fused path overall (README, Performance); ``use_kernels(True)`` turns
+them on.
 
 The extension is compiled on first use (or by ``make``) with the system C++
 compiler against the oneDNN that the ``kernels`` extra installs
 (``onednn-cpu-gomp``, ``onednn-devel-cpu-gomp``), and cached in
 ``$BPTT_JAX_CACHE`` (default ``~/.cache/bptt_jax``) under a name that hashes
-the sources, the compiler and the jaxlib and oneDNN it was built against. If
+the source, the compiler and the jaxlib and oneDNN it was built against. If
 anything is missing or the build fails, :func:`bptt_jax.unroll` keeps the JAX
 paths and :func:`kernels` says why.
 
 A kernel runs when its family is on, the backend is the CPU with one device,
-every array is float32 and the shapes are not empty; the RNN kernels also need
-no mask (no ``lengths`` or ``mask``), no layer norm and the fused path
-(``fused`` not ``False``, ``hoist`` not ``True``), the linear scan
-``method="sequential"`` and a real (not complex) recurrence. The choice is
-made when a function is traced.
+every array is float32, the shapes are not empty, no mask is needed (no
+``lengths`` or ``mask``), the cell has no layer norm and the fused path is
+chosen (``fused`` not ``False``, ``hoist`` not ``True``). The choice is made
+when a function is traced.
 """
 
 from __future__ import annotations
@@ -51,14 +45,14 @@ import numpy as np
 
 Array = jax.Array
 
-_SOURCES = [Path(__file__).parent / "csrc" / name for name in ("onednn_rnn.cc", "linear_scan.cc")]
+_SOURCES = [Path(__file__).parent / "csrc" / "onednn_rnn.cc"]
 _KINDS = {"rnn_tanh": 0, "rnn_relu": 1, "lstm": 2, "gru": 3}
 _PARAM_KEYS = {"rnn_tanh": {"W", "U", "b"}, "rnn_relu": {"W", "U", "b"},
                "lstm": {"W", "U", "b"}, "gru": {"W", "U", "b", "b_hn"}}
 
 
-FAMILIES = ("linear_scan", "rnn")
-DEFAULT = ("linear_scan",)  # what measured faster than the JAX paths here (README, Performance)
+FAMILIES = ("rnn",)
+DEFAULT = ()  # off: on the machines measured, the JAX paths were as fast or faster (README)
 
 
 class KernelStatus(NamedTuple):
@@ -66,8 +60,7 @@ class KernelStatus(NamedTuple):
 
   Attributes:
     active: whether the extension is loaded and at least one family is on.
-    enabled: the families on: ``"linear_scan"`` (the recurrence of minGRU and
-      minLSTM) and ``"rnn"`` (oneDNN's RNN, LSTM and GRU).
+    enabled: the families on: ``("rnn",)`` (oneDNN's RNN, LSTM and GRU) or ``()``.
     reason: why, in words.
     library: the compiled extension's path, or ``None``.
     onednn_version: e.g. ``"3.2.0"``, or ``None``.
@@ -120,11 +113,12 @@ class use_kernels:  # noqa: N801 (a function that is also a context manager)
   """Chooses the CPU kernels; as a context manager, restores the choice on exit.
 
   ``use_kernels(True)`` turns every family on, ``use_kernels(False)`` every
-  one off, ``use_kernels("rnn")`` or ``use_kernels(["rnn", "linear_scan"])``
-  exactly those. Without a call, ``$BPTT_JAX_KERNELS`` decides (``0``, ``all``
-  or a comma-separated list), else the default, ``("linear_scan",)``. The
-  setting is read when a function is traced: a function jitted before the
-  change keeps the path it was compiled with.
+  one off, ``use_kernels("rnn")`` (or a list of names) exactly those; the one
+  family so far is ``"rnn"``, oneDNN's RNN, LSTM and GRU. Without a call,
+  ``$BPTT_JAX_KERNELS`` decides (``0``, ``all`` or a comma-separated list of
+  names), else the default: off. The setting is read when a function is
+  traced: a function jitted before the change keeps the path it was compiled
+  with.
   """
 
   def __init__(self, enabled):
@@ -217,9 +211,7 @@ def _library():
               ctypes.c_char_p, ctypes.c_int64]
           lib.bptt_rnn_threads.restype = ctypes.c_int64
           for name, symbol in (("bptt_rnn_forward", lib.BpttRnnForward),
-                               ("bptt_rnn_backward", lib.BpttRnnBackward),
-                               ("bptt_linear_scan_forward", lib.BpttLinearScanForward),
-                               ("bptt_linear_scan_backward", lib.BpttLinearScanBackward)):
+                               ("bptt_rnn_backward", lib.BpttRnnBackward)):
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
           reason = f"oneDNN kernels loaded from {path}"
         except (OSError, AttributeError) as e:
@@ -363,76 +355,3 @@ def _no_second_derivative(*args):
 
 _forward.defjvp(_no_second_derivative)
 _backward.defjvp(_no_second_derivative)
-
-
-# ----------------------------------------------------------------------------
-# The element-wise linear recurrence of minGRU, minLSTM and the LRU.
-
-
-def scan_usable(a, b, s0) -> bool:
-  """Whether the kernel runs ``s_t = a_t s_{t-1} + b_t`` here (decided at trace time)."""
-  if not _on("linear_scan") or b.ndim != 3 or b.shape[0] == 0 or b.size == 0:
-    return False
-  if any(getattr(x, "dtype", None) != jnp.float32 for x in (a, b, s0)):
-    return False
-  return _library()[0] is not None
-
-
-def linear_scan(a: Array, b: Array, s0: Array, axis: int = 0) -> Array:
-  """States of ``s_t = a_t * s_{t-1} + b_t`` from ``s0`` ``[B, N]``, by the kernel.
-
-  ``b`` is ``[T, B, N]`` (``axis=0``) or ``[B, T, N]`` (``axis=1``), and the
-  states come in its layout; ``a`` may broadcast to ``b``'s shape (the LRU's
-  ``[1, 1, N]``): autodiff sums its gradient back. Only call where
-  :func:`scan_usable` is true.
-  """
-  a = jnp.broadcast_to(a, b.shape)
-  if axis == 0:  # one block of B*N units
-    T = b.shape[0]
-    states = _scan(a.reshape(1, T, -1), b.reshape(1, T, -1), s0.reshape(1, -1))
-  else:  # B blocks of N units
-    states = _scan(a, b, s0)
-  return states.reshape(b.shape)
-
-
-@jax.custom_vjp
-def _scan(a, b, s0):
-  return _scan_forward(a, b, s0)
-
-
-@jax.custom_jvp
-def _scan_forward(a, b, s0):
-  call = jax.ffi.ffi_call("bptt_linear_scan_forward", jax.ShapeDtypeStruct(b.shape, jnp.float32),
-                          vmap_method="sequential")
-  return call(a, b, s0)
-
-
-def _scan_fwd(a, b, s0):
-  states = _scan_forward(a, b, s0)
-  return states, (a, s0, states)
-
-
-@jax.custom_jvp
-def _scan_backward(a, s0, states, g):
-  out = (jax.ShapeDtypeStruct(a.shape, jnp.float32), jax.ShapeDtypeStruct(a.shape, jnp.float32),
-         jax.ShapeDtypeStruct(s0.shape, jnp.float32))
-  call = jax.ffi.ffi_call("bptt_linear_scan_backward", out, vmap_method="sequential")
-  return call(a, s0, states, g)
-
-
-def _scan_bwd(residuals, g):
-  return _scan_backward(*residuals, g)
-
-
-_scan.defvjp(_scan_fwd, _scan_bwd)
-
-
-def _no_second_derivative_of_scan(primals, tangents):
-  raise TypeError(
-      "second derivatives through the linear-scan kernel are not available: use "
-      "bptt_jax.unroll(..., fused=False), or turn the kernels off with "
-      "bptt_jax.use_kernels(False)")
-
-
-_scan_forward.defjvp(_no_second_derivative_of_scan)
-_scan_backward.defjvp(_no_second_derivative_of_scan)

@@ -49,7 +49,6 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from bptt_jax import _kernel
 from bptt_jax._cells import Cell, _input_init, _row
 from bptt_jax._common import check_positive_int
 
@@ -241,8 +240,7 @@ def run(linear: LinearRecurrence, params, carry, inputs, mask, method: str, unro
 
   The scans work batch-major (``[B, T, ...]``, time on axis 1): the
   transposes here cancel against :func:`bptt_jax.unroll`'s, so that no
-  ``[T, B, H]`` array is transposed for a batch-major caller. So does the C++
-  kernel (``method="sequential"`` where :func:`bptt_jax.kernels` has it).
+  ``[T, B, H]`` array is transposed for a batch-major caller.
   """
   T = inputs.shape[0]
   s0 = linear.to_state(carry)
@@ -254,10 +252,7 @@ def run(linear: LinearRecurrence, params, carry, inputs, mask, method: str, unro
     m = jnp.swapaxes(mask, 0, 1)[..., None]
     a = jnp.where(m, a, jnp.ones((), a.dtype))
     b = jnp.where(m, b, jnp.zeros((), b.dtype))
-  if method == "sequential" and _kernel.scan_usable(a, b, s0):
-    states = _kernel.linear_scan(a, b, s0, axis=1)  # the same recurrence in C++ loops
-  else:
-    states = _scan((method, unroll, 1), a, b, s0)
+  states = _scan((method, unroll, 1), a, b, s0)
   hs = linear.output(params, states, xs)
   if mask is not None:
     hs = jnp.where(m, hs, jnp.zeros((), hs.dtype))

@@ -5,8 +5,6 @@ References: the pure-JAX fused path (hand-written backward), autodiff through
 same weights. Everything in float32, the dtype the kernels run.
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -181,7 +179,7 @@ def test_kernel_applies_only_where_it_can(case):
 
 
 def test_switches_and_status(monkeypatch):
-  for bad in ("no", ["rnn", "lstm"], [], 3):
+  for bad in ("no", ["rnn", "lstm"], [], 3, "linear_scan"):
     with pytest.raises(TypeError, match="True, False or kernel names"):
       bj.use_kernels(bad)
   with bj.use_kernels(False):
@@ -191,15 +189,20 @@ def test_switches_and_status(monkeypatch):
     with bj.use_kernels("rnn"):
       assert _kernel._enabled() == ("rnn",)
     assert _kernel._enabled() == ()
-  assert _kernel._enabled() == ("linear_scan", "rnn")  # the fixture's setting, restored
-  with bj.use_kernels(["rnn", "linear_scan"]):
-    assert _kernel._enabled() == ("linear_scan", "rnn")
+  assert _kernel._enabled() == ("rnn",)  # the fixture's setting, restored
+  with bj.use_kernels(["rnn"]):
+    assert _kernel._enabled() == ("rnn",)
   # Without a call, the environment decides, else the default.
   monkeypatch.setattr(_kernel, "_setting", [None])
   monkeypatch.delenv("BPTT_JAX_KERNELS", raising=False)
   assert _kernel._enabled() == _kernel.DEFAULT
-  for env, expected in (("0", ()), ("all", ("linear_scan", "rnn")), ("rnn", ("rnn",)),
-                        ("linear_scan, rnn", ("linear_scan", "rnn"))):
+  assert _kernel.DEFAULT == ()  # off unless asked for
+  for env, expected in (("0", ()), ("all", ("rnn",)), ("rnn", ("rnn",)), (" rnn ,", None)):
+    if expected is None:  # an empty name in the list
+      monkeypatch.setenv("BPTT_JAX_KERNELS", env)
+      with pytest.raises(TypeError, match="BPTT_JAX_KERNELS"):
+        _kernel._enabled()
+      continue
     monkeypatch.setenv("BPTT_JAX_KERNELS", env)
     assert _kernel._enabled() == expected, env
   monkeypatch.setenv("BPTT_JAX_KERNELS", "fast")
@@ -212,7 +215,7 @@ def test_switches_and_status(monkeypatch):
 @needs_kernels
 def test_status_describes_the_library():
   status = bj.kernels()
-  assert status.active and status.enabled == ("linear_scan", "rnn")
+  assert status.active and status.enabled == ("rnn",)
   assert status.onednn_version.count(".") == 2
   assert status.threads >= 1
   assert status.library.endswith(".so")
@@ -245,74 +248,3 @@ def test_failed_build_says_so_and_leaves_nothing(monkeypatch, tmp_path):
   path, reason = _kernel._build()
   assert path is None and "building the oneDNN kernels failed" in reason
   assert list(tmp_path.glob("*.so")) == []  # nothing half-written is left to load
-
-
-# ----------------------------------------------------------------------------
-# The linear-scan kernel (minGRU, minLSTM, LRU).
-
-
-def _numpy_scan(a, b, s0, g):
-  """States and the adjoint of ``s_t = a_t s_{t-1} + b_t`` by float64 loops."""
-  a, b, s0, g = (np.asarray(x, np.float64) for x in (a, b, s0, g))
-  a = np.broadcast_to(a, b.shape)
-  s = np.zeros_like(b)
-  prev = s0
-  for t in range(len(b)):
-    prev = s[t] = a[t] * prev + b[t]
-  lam = np.zeros_like(b)
-  nxt = np.zeros_like(s0)
-  for t in reversed(range(len(b))):
-    lam[t] = g[t] + (a[t + 1] * nxt if t + 1 < len(b) else 0.0)
-    nxt = lam[t]
-  s_prev = np.concatenate([s0[None], s[:-1]])
-  return s, lam * s_prev, lam, a[0] * lam[0]
-
-
-@needs_kernels
-@pytest.mark.parametrize("shape", [(1, 1, 1), (7, 3, 5), (40, 2, 300), (3, 1, 17)],
-                         ids=lambda s: "T{}B{}N{}".format(*s))
-@pytest.mark.parametrize("broadcast", [False, True])
-@pytest.mark.parametrize("axis", [0, 1], ids=["time_major", "batch_major"])
-def test_linear_scan_kernel_equals_a_loop(shape, broadcast, axis):
-  T, B, N = shape
-  ks = jax.random.split(jax.random.key(T * N), 4)
-  a = jax.nn.sigmoid(jax.random.normal(ks[0], (1, 1, N) if broadcast else shape)) * 1.05
-  b, g = jax.random.normal(ks[1], shape), jax.random.normal(ks[2], shape)
-  s0 = jax.random.normal(ks[3], (B, N))
-  swap = (lambda x: jnp.swapaxes(x, 0, 1)) if axis else (lambda x: x)  # noqa: E731
-  assert _kernel.scan_usable(swap(a), swap(b), s0)
-  run = jax.jit(functools.partial(_kernel.linear_scan, axis=axis))
-  states, vjp = jax.vjp(run, swap(a), swap(b), s0)
-  da, db, ds0 = vjp(swap(g))
-  s_ref, da_ref, db_ref, ds0_ref = _numpy_scan(a, b, s0, g)
-  if broadcast:
-    da_ref = da_ref.sum(axis=(0, 1), keepdims=True)
-  for got, want in ((swap(states), s_ref), (swap(da), da_ref), (swap(db), db_ref),
-                    (ds0, ds0_ref)):
-    assert got.shape == want.shape and got.dtype == jnp.float32
-    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
-
-
-@needs_kernels
-@pytest.mark.parametrize("make", [bj.min_gru, bj.min_lstm, bj.lru], ids=lambda f: f.__name__)
-def test_linear_cells_take_the_scan_kernel_and_equal_the_parallel_scan(make):
-  """minGRU and minLSTM take the kernel; the LRU's complex recurrence keeps lax.scan."""
-  cell = make(12)
-  params = cell.init(jax.random.key(0), 12)  # the LRU maps H features to H
-  xs = jax.random.normal(jax.random.key(1), (3, 9, 12))
-  carry = 0.3 * jnp.ones_like(cell.initial_carry(3))
-
-  def loss(p, x, c, method):
-    final, hs = bj.unroll(cell, p, x, carry=c, method=method)
-    return jnp.sum(jnp.sin(hs)) + jnp.sum(final ** 2)
-
-  args = (params, xs, carry)
-  seq = jax.jit(functools.partial(loss, method="sequential"))
-  grad_jaxpr = str(jax.make_jaxpr(jax.grad(seq, (0, 1, 2)))(*args))
-  assert ("bptt_linear_scan_forward" in grad_jaxpr) == (make is not bj.lru)
-  par = functools.partial(loss, method="parallel")
-  assert "bptt_linear_scan" not in str(jax.make_jaxpr(par)(*args))
-  _close(jax.value_and_grad(seq, (0, 1, 2))(*args), jax.value_and_grad(par, (0, 1, 2))(*args))
-  with bj.use_kernels(False):  # the JAX sequential scan (a new trace: jit's cache keeps the old)
-    plain = functools.partial(loss, method="sequential")
-    assert "bptt_linear_scan" not in str(jax.make_jaxpr(plain)(*args))
