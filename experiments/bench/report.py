@@ -49,7 +49,8 @@ def summarize_timing(raws: list, peak_gflops: float) -> list:
   by_key = {(r["cell"], r["config"], r["mode"], r["impl"]): r for r in rows}
   for row in rows:
     for ref in ("torch", "flax"):  # the reference run with the same allocator settings
-      same = ref + ("_malloc" if IMPLS[row["impl"]].env else "")
+      tuned = "MALLOC_ARENA_MAX" in IMPLS[row["impl"]].env  # not the kernel switches
+      same = ref + ("_malloc" if tuned else "")
       other = by_key.get((row["cell"], row["config"], row["mode"], same), {})
       if "median_ms" in row and "median_ms" in other:
         row[f"ratio_{ref}"] = row["median_ms"] / other["median_ms"]
