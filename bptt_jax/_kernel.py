@@ -223,7 +223,9 @@ def _library():
 def kernels() -> KernelStatus:
   """Which CPU kernels :func:`bptt_jax.unroll` uses on this machine, and why.
 
-  Builds (or loads from the cache) the extension if that has not happened yet.
+  Builds (or loads from the cache) the extension if that has not happened
+  yet, even when the kernels are off, so ``library`` says whether they could
+  run.
 
   Returns:
     A :class:`KernelStatus`: ``enabled`` lists the families that run where
@@ -231,22 +233,23 @@ def kernels() -> KernelStatus:
     paths run everything, and ``reason`` says why (turned off, not on the
     CPU, several devices, not built).
   """
+  lib, reason = _library()
   enabled = _enabled()
   off = _off_reason(enabled)
-  if off is not None:
-    return KernelStatus(False, (), off)
-  lib, reason = _library()
   if lib is None:
-    return KernelStatus(False, (), reason)
+    return KernelStatus(False, (), reason if off is None else f"{off}; {reason}")
   version = (ctypes.c_int64 * 3)()
   lib.bptt_rnn_onednn_version(version)
-  return KernelStatus(True, enabled, reason, lib._name, ".".join(map(str, version)),
-                      int(lib.bptt_rnn_threads()))
+  built = (lib._name, ".".join(map(str, version)), int(lib.bptt_rnn_threads()))
+  if off is not None:
+    return KernelStatus(False, (), f"{off} ({reason})", *built)
+  return KernelStatus(True, enabled, reason, *built)
 
 
 def _off_reason(enabled) -> str | None:
   if not enabled:
-    return "turned off (bptt_jax.use_kernels(False) or BPTT_JAX_KERNELS=0)"
+    return ("off: the default, use_kernels(False) or BPTT_JAX_KERNELS=0 "
+            "(bptt_jax.use_kernels(True) or BPTT_JAX_KERNELS=all turns them on)")
   if jax.default_backend() != "cpu":
     return f"the default backend is {jax.default_backend()}, not the CPU"
   if jax.device_count() != 1:

@@ -185,7 +185,7 @@ def test_switches_and_status(monkeypatch):
   with bj.use_kernels(False):
     off = bj.kernels()
     assert (off.active, off.enabled) == (False, ())
-    assert "turned off" in off.reason
+    assert off.reason.startswith("off:") and "use_kernels(True)" in off.reason
     with bj.use_kernels("rnn"):
       assert _kernel._enabled() == ("rnn",)
     assert _kernel._enabled() == ()
