@@ -282,4 +282,4 @@ def framework_info(impl: Impl) -> dict:
   import bptt_jax
 
   return {"jax": jax.__version__, "backend": jax.default_backend(),
-          "kernels": ",".join(bptt_jax.kernels().enabled) or "none"}
+          "cpu_kernels": ",".join(bptt_jax.kernels().enabled) or "off"}
