@@ -194,6 +194,26 @@ ffi::Error CheckKind(int64_t kind) {
   return ffi::Error::Success();
 }
 
+// The arguments the forward and the backward primitive share: the sequence, the
+// starting state, the weights (in the primitive's layout), the bias, the
+// outputs and the scratchpad.
+std::unordered_map<int, memory> Args(const Plan& p, const dnnl::primitive_desc& pd,
+                                     dnnl::stream& s, const float* xs, const float* h0,
+                                     const float* w, const float* u, const float* bias,
+                                     const float* hs, const float* h_t) {
+  const auto scratch = pd.scratchpad_desc();
+  return {
+      {DNNL_ARG_SRC_LAYER, Wrap(p.src_layer, xs)},
+      {DNNL_ARG_SRC_ITER, Wrap(p.state, h0)},
+      {DNNL_ARG_WEIGHTS_LAYER, Prepared(pd, DNNL_ARG_WEIGHTS_LAYER, Wrap(p.weights_layer, w), s)},
+      {DNNL_ARG_WEIGHTS_ITER, Prepared(pd, DNNL_ARG_WEIGHTS_ITER, Wrap(p.weights_iter, u), s)},
+      {DNNL_ARG_BIAS, Wrap(p.bias, bias)},
+      {DNNL_ARG_DST_LAYER, Wrap(p.dst_layer, hs)},
+      {DNNL_ARG_DST_ITER, Wrap(p.state, h_t)},
+      {DNNL_ARG_SCRATCHPAD, memory(scratch, Engine(), Kept(kScratch, scratch.get_size()))},
+  };
+}
+
 ffi::Error Forward(int64_t kind, int64_t training, ffi::Buffer<ffi::F32> xs,
                    ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::F32> w,
                    ffi::Buffer<ffi::F32> u, ffi::Buffer<ffi::F32> bias,
@@ -204,20 +224,8 @@ ffi::Error Forward(int64_t kind, int64_t training, ffi::Buffer<ffi::F32> xs,
     Plan& p = GetPlan(KeyOf(kind, xs, h0));
     const auto& pd = training ? p.train_pd : p.infer_pd;
     dnnl::stream s(Engine());
-    const auto scratch_md = pd.scratchpad_desc();
-    memory scratch(scratch_md, Engine(), Kept(kScratch, scratch_md.get_size()));
-    std::unordered_map<int, memory> args = {
-        {DNNL_ARG_SRC_LAYER, Wrap(p.src_layer, xs.typed_data())},
-        {DNNL_ARG_SRC_ITER, Wrap(p.state, h0.typed_data())},
-        {DNNL_ARG_WEIGHTS_LAYER, Prepared(pd, DNNL_ARG_WEIGHTS_LAYER,
-                                          Wrap(p.weights_layer, w.typed_data()), s)},
-        {DNNL_ARG_WEIGHTS_ITER, Prepared(pd, DNNL_ARG_WEIGHTS_ITER,
-                                         Wrap(p.weights_iter, u.typed_data()), s)},
-        {DNNL_ARG_BIAS, Wrap(p.bias, bias.typed_data())},
-        {DNNL_ARG_DST_LAYER, Wrap(p.dst_layer, hs->typed_data())},
-        {DNNL_ARG_DST_ITER, Wrap(p.state, h_t->typed_data())},
-        {DNNL_ARG_SCRATCHPAD, scratch},
-    };
+    auto args = Args(p, pd, s, xs.typed_data(), h0.typed_data(), w.typed_data(), u.typed_data(),
+                     bias.typed_data(), hs->typed_data(), h_t->typed_data());
     if (kind == kLstm) {
       args[DNNL_ARG_SRC_ITER_C] = Wrap(p.state, c0.typed_data());
       args[DNNL_ARG_DST_ITER_C] = Wrap(p.state, c_t->typed_data());
@@ -254,22 +262,13 @@ ffi::Error Backward(int64_t kind, ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32
     Plan& p = GetPlan(KeyOf(kind, xs, h0));
     const auto& pd = p.backward_pd;
     dnnl::stream s(Engine());
-    const auto scratch_md = pd.scratchpad_desc();
-    memory scratch(scratch_md, Engine(), Kept(kScratch, scratch_md.get_size()));
     // oneDNN adds the weight gradients to what the buffers hold.
     std::memset(dw->typed_data(), 0, dw->size_bytes());
     std::memset(du->typed_data(), 0, du->size_bytes());
     std::memset(dbias->typed_data(), 0, dbias->size_bytes());
-    std::unordered_map<int, memory> args = {
-        {DNNL_ARG_SRC_LAYER, Wrap(p.src_layer, xs.typed_data())},
-        {DNNL_ARG_SRC_ITER, Wrap(p.state, h0.typed_data())},
-        {DNNL_ARG_WEIGHTS_LAYER, Prepared(pd, DNNL_ARG_WEIGHTS_LAYER,
-                                          Wrap(p.weights_layer, w.typed_data()), s)},
-        {DNNL_ARG_WEIGHTS_ITER, Prepared(pd, DNNL_ARG_WEIGHTS_ITER,
-                                         Wrap(p.weights_iter, u.typed_data()), s)},
-        {DNNL_ARG_BIAS, Wrap(p.bias, bias.typed_data())},
-        {DNNL_ARG_DST_LAYER, Wrap(p.dst_layer, hs.typed_data())},
-        {DNNL_ARG_DST_ITER, Wrap(p.state, h_t.typed_data())},
+    auto args = Args(p, pd, s, xs.typed_data(), h0.typed_data(), w.typed_data(), u.typed_data(),
+                     bias.typed_data(), hs.typed_data(), h_t.typed_data());
+    args.insert({
         {DNNL_ARG_WORKSPACE, Wrap(pd.workspace_desc(), workspace.typed_data())},
         {DNNL_ARG_DIFF_DST_LAYER, Wrap(p.dst_layer, dhs.typed_data())},
         {DNNL_ARG_DIFF_DST_ITER, Wrap(p.state, dh_t.typed_data())},
@@ -278,8 +277,7 @@ ffi::Error Backward(int64_t kind, ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32
         {DNNL_ARG_DIFF_WEIGHTS_LAYER, Wrap(p.weights_layer, dw->typed_data())},
         {DNNL_ARG_DIFF_WEIGHTS_ITER, Wrap(p.weights_iter, du->typed_data())},
         {DNNL_ARG_DIFF_BIAS, Wrap(p.bias, dbias->typed_data())},
-        {DNNL_ARG_SCRATCHPAD, scratch},
-    };
+    });
     if (kind == kLstm) {
       args[DNNL_ARG_SRC_ITER_C] = Wrap(p.state, c0.typed_data());
       args[DNNL_ARG_DST_ITER_C] = Wrap(p.state, c_t.typed_data());
