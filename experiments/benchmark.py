@@ -13,6 +13,9 @@ Implementations (on CPU; ``unroll``'s defaults there are no hoisting, fused):
                      (carry and activations bfloat16), readout and loss in float32
   bptt_jax_autodiff  unroll(fused=False): autodiff through lax.scan, per-step projection
   bptt_jax_hoisted   unroll(fused=False, hoist=True): one input matmul before the scan
+  bptt_jax_onednn    oneDNN's whole-sequence RNN/LSTM/GRU kernels (BPTT_JAX_KERNELS=all;
+                     also _malloc, and _omp1 with one OpenMP thread)
+  bptt_jax_fused     BPTT_JAX_KERNELS=0: the pure-JAX paths whatever the default
   flax               flax.linen.RNN over OptimizedLSTMCell / GRUCell / SimpleCell
   torch              torch.nn.LSTM / GRU / RNN(tanh), batch_first=True
   *_malloc           bptt_jax, flax or torch with glibc's allocator told to keep and

@@ -188,6 +188,18 @@ Key KeyOf(int64_t kind, ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& h0) {
   return Key{kind, x[0], x[1], x[2], h0.dimensions()[1]};
 }
 
+// `body()`, with oneDNN's exceptions and a failed allocation turned into FFI errors.
+template <typename F>
+ffi::Error Guarded(F body) {
+  try {
+    return body();
+  } catch (const dnnl::error& e) {
+    return ffi::Error::Internal(std::string("oneDNN: ") + e.what());
+  } catch (const std::bad_alloc&) {
+    return ffi::Error::Internal("bptt_rnn: out of memory for oneDNN's scratchpad");
+  }
+}
+
 ffi::Error CheckKind(int64_t kind) {
   if (kind < kRnnTanh || kind > kGru)
     return ffi::Error::InvalidArgument("bptt_rnn: kind must be 0..3, got " + std::to_string(kind));
@@ -220,7 +232,7 @@ ffi::Error Forward(int64_t kind, int64_t training, ffi::Buffer<ffi::F32> xs,
                    ffi::ResultBuffer<ffi::F32> hs, ffi::ResultBuffer<ffi::F32> h_t,
                    ffi::ResultBuffer<ffi::F32> c_t, ffi::ResultBuffer<ffi::U8> workspace) {
   if (auto err = CheckKind(kind); err.failure()) return err;
-  try {
+  return Guarded([&]() -> ffi::Error {
     Plan& p = GetPlan(KeyOf(kind, xs, h0));
     const auto& pd = training ? p.train_pd : p.infer_pd;
     dnnl::stream s(Engine());
@@ -240,12 +252,8 @@ ffi::Error Forward(int64_t kind, int64_t training, ffi::Buffer<ffi::F32> xs,
     }
     (training ? p.train : p.infer).execute(s, args);
     s.wait();
-  } catch (const dnnl::error& e) {
-    return ffi::Error::Internal(std::string("oneDNN: ") + e.what());
-  } catch (const std::bad_alloc&) {
-    return ffi::Error::Internal("bptt_rnn: out of memory for oneDNN's scratchpad");
-  }
-  return ffi::Error::Success();
+    return ffi::Error::Success();
+  });
 }
 
 ffi::Error Backward(int64_t kind, ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> h0,
@@ -258,7 +266,7 @@ ffi::Error Backward(int64_t kind, ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32
                     ffi::ResultBuffer<ffi::F32> dc0, ffi::ResultBuffer<ffi::F32> dw,
                     ffi::ResultBuffer<ffi::F32> du, ffi::ResultBuffer<ffi::F32> dbias) {
   if (auto err = CheckKind(kind); err.failure()) return err;
-  try {
+  return Guarded([&]() -> ffi::Error {
     Plan& p = GetPlan(KeyOf(kind, xs, h0));
     const auto& pd = p.backward_pd;
     dnnl::stream s(Engine());
@@ -286,12 +294,8 @@ ffi::Error Backward(int64_t kind, ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32
     }
     p.backward.execute(s, args);
     s.wait();
-  } catch (const dnnl::error& e) {
-    return ffi::Error::Internal(std::string("oneDNN: ") + e.what());
-  } catch (const std::bad_alloc&) {
-    return ffi::Error::Internal("bptt_rnn: out of memory for oneDNN's scratchpad");
-  }
-  return ffi::Error::Success();
+    return ffi::Error::Success();
+  });
 }
 
 }  // namespace
