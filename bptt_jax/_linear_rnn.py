@@ -5,8 +5,9 @@ and unit, and then runs the element-wise linear recurrence
 
     s_t = a_t * s_{t-1} + b_t
 
-Every matmul is outside the loop (one ``[T*B, D] x [D, G*H]`` product for all
-steps), and the recurrence itself can be evaluated in two ways:
+Every matmul is outside the recurrence (``[T*B, D] x [D, G*H]`` products, with
+no dependence between steps), and the recurrence itself can be evaluated in
+two ways:
 
 - ``"parallel"``: ``jax.lax.associative_scan`` over the pairs ``(a_t, b_t)``
   with the composition ``(a, b) . (a', b') = (a' a, a' b + b')``: ``O(log T)``
@@ -15,7 +16,12 @@ steps), and the recurrence itself can be evaluated in two ways:
   ``a`` is ever divided by: nothing overflows or underflows as it would in the
   closed form ``s_t = A_t (s_0 + sum_k b_k / A_k)``, and no log-space form is
   needed for stability.
-- ``"sequential"``: ``jax.lax.scan``, ``T`` steps of one multiply-add.
+- ``"sequential"``: a loop of ``T`` steps of one multiply-add. In ``unroll``
+  it runs over chunks of time (``CHUNK_BYTES`` of coefficients each): a
+  chunk's input projection and coefficients, then its steps, so that the
+  coefficients never exist for all ``T`` steps at once; the backward pass
+  recomputes them chunk by chunk in reverse. Only the states ``[B, T, N]``
+  are kept for it.
 
 Both have a hand-written backward pass (``jax.custom_vjp``): the BPTT adjoint of
 a linear recurrence is a linear recurrence running backwards,
@@ -232,6 +238,108 @@ def _scan_bwd(config, res, g):
 _scan.defvjp(_scan_fwd, _scan_bwd)
 
 
+# ----------------------------------------------------------------------------
+# The sequential method over time chunks: coefficients, scan and backward per chunk.
+
+# Bytes of one chunk's coefficient array (``[B, chunk, N]``): the chunk's work stays
+# in the cache, and no ``[B, T, ...]`` array but the states is made.
+CHUNK_BYTES = 1 << 20
+
+
+def chunk_size(batch: int, width: int, itemsize: int) -> int:
+  """Steps per chunk for :func:`_chunked`: ``CHUNK_BYTES`` of ``[batch, chunk, width]``."""
+  return max(1, CHUNK_BYTES // max(1, batch * width * itemsize))
+
+
+def _masked_coefficients(linear, params, xs, mask):
+  a, b = linear.coefficients(params, xs)
+  if mask is not None:
+    a = jnp.where(mask, a, jnp.ones((), a.dtype))
+    b = jnp.where(mask, b, jnp.zeros((), b.dtype))
+  return a, b
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _chunked(config, params, xs: Array, s0: Array, mask) -> Array:
+  """All states ``[B, T, N]`` of a linear-recurrence cell over batch-major ``xs``
+  ``[B, T, D]`` from ``s0`` ``[B, N]``, a chunk of ``size`` steps at a time
+  (``config = (linear, unroll, size)``): the chunk's coefficients, then its steps.
+
+  The backward pass runs the chunks in reverse: it recomputes a chunk's
+  coefficients, runs the adjoint ``lambda_t = g_t + a_{t+1} lambda_{t+1}`` over
+  it, and takes the gradients of the weights and inputs through that chunk's
+  coefficients. Only the states are kept between the passes.
+  """
+  return _chunked_fwd(config, params, xs, s0, mask)[0]
+
+
+def _chunk(x, t0, length):
+  return None if x is None else jax.lax.dynamic_slice_in_dim(x, t0, length, 1)
+
+
+def _chunked_fwd(config, params, xs, s0, mask):
+  linear, unroll, size = config
+  B, T = xs.shape[:2]
+
+  def block(t0, length, carry):
+    s, states = carry
+    a, b = _masked_coefficients(linear, params, _chunk(xs, t0, length), _chunk(mask, t0, length))
+    block_states = _sequential(a, b, s, unroll=unroll, axis=1)
+    return (block_states[:, -1],
+            jax.lax.dynamic_update_slice_in_dim(states, block_states, t0, 1))
+
+  states = jax.lax.empty((B, T) + s0.shape[1:], s0.dtype)  # every step is written
+  size = min(size, T)
+  n, rest = divmod(T, size)
+  carry = jax.lax.fori_loop(0, n, lambda i, c: block(i * size, size, c), (s0, states))
+  if rest:
+    carry = block(n * size, rest, carry)
+  return carry[1], (params, xs, s0, mask, carry[1])
+
+
+def _chunked_bwd(config, res, g):
+  linear, unroll, size = config
+  params, xs, s0, mask, states = res
+  T = xs.shape[1]
+
+  def block(t0, length, carry):
+    # mu = a_{t1} lambda_{t1} from the chunk after this one (t1 = t0 + length).
+    mu, dparams, dxs = carry
+    m = _chunk(mask, t0, length)
+    (a, _), vjp = jax.vjp(lambda p, x: _masked_coefficients(linear, p, x, m), params,
+                          _chunk(xs, t0, length))
+    g_c = _chunk(g, t0, length)
+    g_c = jax.lax.dynamic_update_index_in_dim(
+        g_c, jax.lax.index_in_dim(g_c, length - 1, 1, keepdims=False) + mu, length - 1, 1)
+    lam = _sequential(a, g_c, jnp.zeros_like(mu), reverse=True, shift=True, unroll=unroll,
+                      axis=1)
+    before = jax.lax.dynamic_index_in_dim(states, jnp.maximum(t0 - 1, 0), 1, keepdims=False)
+    before = jnp.where(t0 > 0, before, s0)
+    s_prev = jnp.concatenate(
+        [before[:, None], jax.lax.dynamic_slice_in_dim(states, t0, length - 1, 1)], axis=1)
+    da = lam * s_prev
+    if a.shape != lam.shape:  # a was broadcast: sum its gradient back to its shape
+      axes = tuple(i for i, (k, l) in enumerate(zip(a.shape, lam.shape)) if k == 1 and l != 1)
+      da = jnp.sum(da, axis=axes, keepdims=True)
+    dp, dx = vjp((da, lam))
+    mu = jnp.broadcast_to(_at(a, 0, 1), mu.shape) * jax.lax.index_in_dim(lam, 0, 1, False)
+    return (mu, jax.tree.map(jnp.add, dparams, dp),
+            jax.lax.dynamic_update_slice_in_dim(dxs, dx, t0, 1))
+
+  carry = (jnp.zeros_like(s0), jax.tree.map(jnp.zeros_like, params),
+           jax.lax.empty(xs.shape, xs.dtype))  # every step is written
+  size = min(size, T)
+  n, rest = divmod(T, size)
+  if rest:  # the last T % size steps first
+    carry = block(n * size, rest, carry)
+  carry = jax.lax.fori_loop(0, n, lambda i, c: block((n - 1 - i) * size, size, c), carry)
+  mu, dparams, dxs = carry
+  return dparams, dxs, mu, None
+
+
+_chunked.defvjp(_chunked_fwd, _chunked_bwd)
+
+
 def run(linear: LinearRecurrence, params, carry, inputs, mask, method: str, unroll: int = 1):
   """``(carry, hs)`` of a linear-recurrence cell over time-major ``inputs`` ``[T, B, D]``.
 
@@ -247,12 +355,13 @@ def run(linear: LinearRecurrence, params, carry, inputs, mask, method: str, unro
   if T == 0:
     return carry, linear.output(params, jnp.zeros((0,) + s0.shape, s0.dtype), inputs)
   xs = jnp.swapaxes(inputs, 0, 1)
-  a, b = linear.coefficients(params, xs)
-  if mask is not None:
-    m = jnp.swapaxes(mask, 0, 1)[..., None]
-    a = jnp.where(m, a, jnp.ones((), a.dtype))
-    b = jnp.where(m, b, jnp.zeros((), b.dtype))
-  states = _scan((method, unroll, 1), a, b, s0)
+  m = None if mask is None else jnp.swapaxes(mask, 0, 1)[..., None]
+  if method == "sequential":
+    size = chunk_size(s0.shape[0], s0.shape[-1], s0.dtype.itemsize)
+    states = _chunked((linear, unroll, size), params, xs, s0, m)
+  else:
+    a, b = _masked_coefficients(linear, params, xs, m)
+    states = _scan((method, unroll, 1), a, b, s0)
   hs = linear.output(params, states, xs)
   if mask is not None:
     hs = jnp.where(m, hs, jnp.zeros((), hs.dtype))
@@ -320,7 +429,9 @@ def min_gru(hidden_size: int, *, input_init="glorot_uniform", dtype=jnp.float32)
     [k_t, \tilde h_t] = x_t W + b \qquad z_t = \sigma(k_t) \\
     h_t = (1 - z_t) h_{t-1} + z_t \tilde h_t
 
-  Linear in ``h``: ``a_t = 1 - z_t = sigma(-k_t)``, ``b_t = z_t h~_t``, so
+  Linear in ``h``: ``a_t = 1 - z_t = sigma(-k_t)``, ``b_t = z_t h~_t``
+  (``z_t`` computed as ``1 - a_t``: one ``exp``; ``a_t``, which carries the state
+  over time, keeps its full relative precision), so
   :func:`bptt_jax.unroll` evaluates it with a parallel or a sequential scan
   (``method=``) and a hand-written backward pass; ``fused=False`` runs the
   plain step under ``lax.scan`` with autodiff instead.
@@ -344,7 +455,8 @@ def min_gru(hidden_size: int, *, input_init="glorot_uniform", dtype=jnp.float32)
 
   def coefficients(params, xs):
     k, h_tilde = _affine_blocks(params, xs, 2)
-    return jax.nn.sigmoid(-k), jax.nn.sigmoid(k) * h_tilde
+    a = jax.nn.sigmoid(-k)
+    return a, (1 - a) * h_tilde
 
   linear = LinearRecurrence(coefficients, lambda params, s, xs: s, _identity, _identity)
   return _cell("min_gru", hidden_size,
@@ -362,10 +474,9 @@ def min_lstm(hidden_size: int, *, input_init="glorot_uniform", dtype=jnp.float32
     i'_t = \frac{\sigma(i_t)}{\sigma(f_t) + \sigma(i_t)} \\
     h_t = f'_t h_{t-1} + i'_t \tilde h_t
 
-  The normalized gates are computed in log space,
-  ``f' = sigmoid(softplus(-i) - softplus(-f))`` and ``i' = 1 - f'`` written
-  the same way, which stays exact where ``sigma(f)`` and ``sigma(i)`` both
-  underflow.
+  The normalized forget gate is computed in log space,
+  ``f' = sigmoid(softplus(-i) - softplus(-f))``, which stays exact where
+  ``sigma(f)`` and ``sigma(i)`` both underflow, and ``i' = 1 - f'``.
 
   Params: ``W`` ``[D, 3H]`` (blocks ``f``, ``i``, ``h~``), ``b`` ``[3H]``.
   The carry is ``h`` ``[B, H]``.
@@ -382,7 +493,8 @@ def min_lstm(hidden_size: int, *, input_init="glorot_uniform", dtype=jnp.float32
   def coefficients(params, xs):
     f, i, h_tilde = _affine_blocks(params, xs, 3)
     log_ratio = jax.nn.softplus(-i) - jax.nn.softplus(-f)  # log(sigma(f) / sigma(i))
-    return jax.nn.sigmoid(log_ratio), jax.nn.sigmoid(-log_ratio) * h_tilde
+    a = jax.nn.sigmoid(log_ratio)
+    return a, (1 - a) * h_tilde
 
   linear = LinearRecurrence(coefficients, lambda params, s, xs: s, _identity, _identity)
   return _cell("min_lstm", hidden_size,

@@ -141,6 +141,61 @@ def test_parallel_equals_sequential_with_lengths_reverse_and_carry(name):
     np.testing.assert_allclose(f_p[2], carry[2], **VALUE_TOL[dtype])
 
 
+def _masked_loop(step, params, xs, carry, lengths):
+  """``(final, hs)`` of a jax.numpy loop over time; steps past ``lengths`` keep the carry
+  and output zeros (differentiable, unlike :func:`loop_unroll`)."""
+  hs = []
+  for t in range(xs.shape[1]):
+    new, h = step(jnp, params, carry, xs[:, t])
+    keep = jnp.asarray(t < lengths)[:, None]
+    carry = jnp.where(keep, new, carry)
+    hs.append(jnp.where(keep, h, 0.0))
+  return carry, jnp.stack(hs, axis=1)
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(F64, marks=pytest.mark.float64), F32])
+@pytest.mark.parametrize("size", [1, 4])
+@pytest.mark.parametrize("name", list(CASES))
+def test_sequential_chunks_equal_python_loop(name, size, dtype, monkeypatch):
+  """The sequential method runs ``size`` steps per chunk (T = 9: a short chunk left over
+  for 4): values, carry and the gradients of weights, inputs and carry equal a
+  Python loop's, with lengths, reversed, and with several steps per loop iteration."""
+  from bptt_jax import _linear_rnn
+
+  monkeypatch.setattr(_linear_rnn, "chunk_size", lambda *args: size)
+  cell, step, params, xs, carry = _setup(name, dtype, seed=4)
+  lengths = np.array([9, 6, 1])
+  for reverse, unroll in ((False, 1), (True, 3)):
+    final, hs = jax.jit(lambda p, x, c: bj.unroll(  # noqa: B023
+        cell, p, x, lengths=lengths, carry=c, reverse=reverse, unroll=unroll,
+        method="sequential"))(params, xs, carry)
+    ref_final, ref_hs = loop_unroll(step, params, xs, carry, H, lengths=lengths,
+                                    reverse=reverse)
+    np.testing.assert_allclose(hs, ref_hs, **VALUE_TOL[dtype])
+    np.testing.assert_allclose(final, ref_final, **VALUE_TOL[dtype])
+  w = jnp.asarray(np.random.default_rng(8).normal(size=(B, T, H)), dtype)
+
+  def loss(params, xs, carry):
+    final, hs = bj.unroll(cell, params, xs, lengths=lengths, carry=carry, unroll=3,
+                          method="sequential")
+    return jnp.sum(w * jnp.tanh(hs)) + jnp.sum(final ** 2)
+
+  def reference(params, xs, carry):
+    final, hs = _masked_loop(step, params, xs, carry, lengths)
+    return jnp.sum(w * jnp.tanh(hs)) + jnp.sum(final ** 2)
+
+  got = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(params, xs, carry)
+  want = jax.jit(jax.grad(reference, argnums=(0, 1, 2)))(params, xs, carry)
+  assert_grads_close(got, want, **GRAD_TOL[dtype])
+
+
+def test_chunk_size_holds_a_fixed_number_of_bytes():
+  from bptt_jax import _linear_rnn
+
+  assert _linear_rnn.chunk_size(16, 256, 4) * 16 * 256 * 4 == _linear_rnn.CHUNK_BYTES
+  assert _linear_rnn.chunk_size(1 << 12, 1 << 12, 8) == 1  # never below one step
+
+
 SCAN_TOL = {F32: (dict(rtol=1e-5, atol=1e-6), dict(rtol=1e-4, atol=1e-5)),
             F64: (dict(rtol=1e-12, atol=1e-12), dict(rtol=1e-10, atol=1e-12))}
 
