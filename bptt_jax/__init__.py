@@ -16,6 +16,7 @@ from bptt_jax._cells import gru as gru
 from bptt_jax._cells import irnn as irnn
 from bptt_jax._cells import lstm as lstm
 from bptt_jax._cells import rnn as rnn
+from bptt_jax._cells import residual_block as residual_block
 from bptt_jax._cells import stack as stack
 from bptt_jax._checkpoint import CheckpointError as CheckpointError
 from bptt_jax._checkpoint import load as load_checkpoint
@@ -94,8 +95,9 @@ __all__ = [
     "greedy_decode", "gru", "guard", "init_readout", "irnn", "jacobian_norms", "kernels",
     "KernelStatus", "last_step",
     "length_mask", "linear_scan", "load_checkpoint", "lru", "lstm", "min_gru", "min_lstm",
-    "model_loss", "mse", "optimizer", "readout", "restore_latest", "rnn", "rnn_bptt",
-    "rnn_value_and_grad", "save_checkpoint", "segmented_loss", "seq2seq", "seq2seq_loss",
-    "sequence_loss", "sharding", "sigmoid_binary_cross_entropy", "softmax_cross_entropy", "stack",
+    "model_loss", "mse", "optimizer", "readout", "residual_block", "restore_latest", "rnn",
+    "rnn_bptt", "rnn_value_and_grad", "save_checkpoint", "segmented_loss", "seq2seq",
+    "seq2seq_loss", "sequence_loss", "sharding", "sigmoid_binary_cross_entropy",
+    "softmax_cross_entropy", "stack",
     "stream_carry", "tbptt_step", "to_flax_weights", "train_step", "unroll", "use_kernels",
 ]

@@ -63,6 +63,12 @@ class Cell(NamedTuple):
       :func:`bptt_jax.min_lstm`, :func:`bptt_jax.lru`), how it maps onto
       ``s_t = a_t * s_{t-1} + b_t`` (a ``LinearRecurrence``); ``unroll`` then
       evaluates it with a parallel or a sequential scan. ``None`` otherwise.
+    wraps: for a cell that wraps another with per-step maps
+      (:func:`residual_block`), ``(inner, before, after)``: the inner cell
+      (its params under ``params["cell"]``), ``before(params, xs) -> us`` and
+      ``after(params, xs, hs) -> ys``, each applied to all steps at once
+      (``[..., D]``), so that ``unroll`` runs the inner cell on its own fastest
+      path. ``None`` otherwise.
   """
 
   init: Callable[..., Params] | None
@@ -77,6 +83,7 @@ class Cell(NamedTuple):
   sequence: Callable | None = None
   layers: tuple | None = None
   linear: Any = None
+  wraps: Any = None
 
 
 def as_cell(cell_or_step) -> Cell:
@@ -515,3 +522,83 @@ def stack(*cells: Cell) -> Cell:
       name="stack(" + ", ".join(c.name for c in cells) + ")",
       layers=cells,
   )
+
+
+def residual_block(cell: Cell, *, mlp_ratio: int = 4, dtype=jnp.float32) -> Cell:
+  r"""A pre-norm residual block around ``cell``, with an MLP: the layer of Feng et
+  al.'s minGRU/minLSTM language models (and of Transformers, with the cell in
+  place of attention).
+
+  .. math::
+
+    u_t = \mathrm{LN}_1(x_t) \qquad (c_t, h_t) = \mathrm{cell}(c_{t-1}, u_t) \qquad
+    y_t = x_t + h_t \\
+    o_t = y_t + \mathrm{gelu}(\mathrm{LN}_2(y_t) W_1 + b_1) W_2 + b_2
+
+  ``LN`` is layer normalization with a gain and a bias (statistics in at least
+  float32), ``gelu`` its tanh approximation. The input and output size is
+  the cell's ``H``, so put a plain cell or an encoder first when the inputs
+  have another size: ``stack(min_gru(H), residual_block(min_gru(H)), ...)``.
+  :func:`bptt_jax.unroll` runs the norm and the MLP over all steps at once and
+  the inner cell on its own path (a minGRU's linear scan, a GRU's fused
+  backward pass, ``method=`` passed on); ``step`` is the same computation
+  for one step.
+
+  Params: ``{"cell": the cell's params (input size H), "norm": {"g", "b"}
+  [H], "mlp_norm": {"g", "b"} [H], "W1" [H, mH], "b1" [mH], "W2" [mH, H],
+  "b2" [H]}`` with ``m = mlp_ratio``; ``W1``, ``W2`` Glorot-uniform, gains
+  ones, biases zeros. The carry is the cell's.
+
+  Args:
+    cell: the recurrent cell inside (its ``hidden_size`` must be known).
+    mlp_ratio: the MLP's hidden width as a multiple of ``H``.
+    dtype: the dtype of the block's own params.
+
+  Returns:
+    A :class:`Cell`.
+
+  Raises:
+    TypeError: ``cell`` is not a cell.
+    ValueError: a cell without ``hidden_size`` or ``init``, a non-positive
+      ``mlp_ratio``; at ``init``, an input size other than ``H``.
+
+  References:
+    Feng, Tung, Ahmed, Bengio and Hajimirsadeghi 2024, "Were RNNs All We
+    Needed?", appendix (language modelling).
+  """
+  if not isinstance(cell, Cell):
+    raise TypeError(f"residual_block wraps a bptt_jax.Cell, got {type(cell).__name__}")
+  if cell.hidden_size is None or cell.init is None:
+    raise ValueError(f"residual_block needs a cell with hidden_size and init, got {cell.name!r}")
+  check_positive_int("mlp_ratio", mlp_ratio)
+  H, width = cell.hidden_size, mlp_ratio * cell.hidden_size
+  glorot = jax.nn.initializers.glorot_uniform()
+
+  def init(key, input_size):
+    check_positive_int("input_size", input_size)
+    if input_size != H:
+      raise ValueError(
+          f"residual_block adds its input to {cell.name}'s output: input_size must be "
+          f"H = {H}, got {input_size}; put a plain cell or an encoder first")
+    k_cell, k1, k2 = jax.random.split(key, 3)
+    norm = lambda: {"g": jnp.ones((H,), dtype), "b": jnp.zeros((H,), dtype)}  # noqa: E731
+    return {"cell": cell.init(k_cell, H), "norm": norm(), "mlp_norm": norm(),
+            "W1": glorot(k1, (H, width), dtype), "b1": jnp.zeros((width,), dtype),
+            "W2": glorot(k2, (width, H), dtype), "b2": jnp.zeros((H,), dtype)}
+
+  def before(params, xs):
+    return _layer_norm(xs, params["norm"]["g"], params["norm"]["b"])
+
+  def after(params, xs, hs):
+    ys = xs + hs
+    u = _layer_norm(ys, params["mlp_norm"]["g"], params["mlp_norm"]["b"])
+    u = jax.nn.gelu(u @ params["W1"] + _row(params["b1"], u))
+    return ys + u @ params["W2"] + _row(params["b2"], ys)
+
+  def step(params, carry, x_t):
+    carry, h_t = cell.step(params["cell"], carry, before(params, x_t))
+    return carry, after(params, x_t, h_t)
+
+  return Cell(init=init, initial_carry=cell.initial_carry, step=step, hidden=cell.hidden,
+              input_size=lambda params: params["W1"].shape[0], hidden_size=H,
+              name=f"residual_block({cell.name})", wraps=(cell, before, after))

@@ -280,6 +280,21 @@ def _runner(cell, params, *, hoist, unroll, fused, method=None):
 
     return run_layers
 
+  if cell.wraps is not None:
+    inner, before, after = cell.wraps
+    run_inner = _runner(inner, params["cell"], hoist=hoist, unroll=unroll, fused=fused,
+                        method=method)
+
+    def run_wrapped(carry, inputs, mask):
+      us = before(params, inputs)
+      if mask is not None:  # the inner cell's masked inputs are zeros, as the contract says
+        us = where_rows(mask, us, jnp.zeros_like(us))
+      carry, hs = run_inner(carry, us, mask)
+      ys = after(params, inputs, hs)
+      return carry, ys if mask is None else where_rows(mask, ys, jnp.zeros_like(ys))
+
+    return run_wrapped
+
   special = _special_runner(cell, params, hoist=hoist, unroll=unroll, fused=fused,
                             method=method)
   if special is not None:
