@@ -45,13 +45,17 @@ import numpy as np
 
 Array = jax.Array
 
-_SOURCES = [Path(__file__).parent / "csrc" / "onednn_rnn.cc"]
+_CSRC = Path(__file__).parent / "csrc"
+_SOURCES = [_CSRC / "onednn_rnn.cc", _CSRC / "fused_rnn.cc"]
+_HEADERS = [_CSRC / "kept.h"]
 _KINDS = {"rnn_tanh": 0, "rnn_relu": 1, "lstm": 2, "gru": 3}
 _PARAM_KEYS = {"rnn_tanh": {"W", "U", "b"}, "rnn_relu": {"W", "U", "b"},
                "lstm": {"W", "U", "b"}, "gru": {"W", "U", "b", "b_hn"}}
 
 
-FAMILIES = ("rnn",)
+FAMILIES = ("fused", "rnn")
+# The cells each family covers; where several are on, the first in FAMILIES runs.
+_COVERS = {"fused": ("lstm",), "rnn": tuple(_KINDS)}
 DEFAULT = ()  # off: on the machines measured, the JAX paths were as fast or faster (README)
 
 
@@ -155,6 +159,18 @@ def _find_onednn():
   return None
 
 
+def _cpu_flags() -> str:
+  """The CPU's feature flags (``-march=native`` builds for them), for the cache key."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("flags"):
+          return line
+  except OSError:
+    pass
+  return ""
+
+
 def _build() -> tuple[Path | None, str]:
   """Compiles the extension into the cache if it is not there; ``(path, reason)``."""
   if not sys.platform.startswith("linux"):
@@ -167,11 +183,12 @@ def _build() -> tuple[Path | None, str]:
   compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
   if compiler is None:
     return None, "no C++ compiler (g++ or $CXX) to build the oneDNN kernels"
-  flags = ["-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp",
+  flags = ["-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC", "-fopenmp",
            f"-I{jax.ffi.include_dir()}", f"-I{include}", f"-L{lib}", f"-Wl,-rpath,{lib}"]
   digest = hashlib.sha256()
-  for part in (*(s.read_bytes() for s in _SOURCES), compiler.encode(), " ".join(flags).encode(),
-               jax.__version__.encode(), str((lib / "libdnnl.so.3").resolve()).encode()):
+  for part in (*(s.read_bytes() for s in _SOURCES + _HEADERS), compiler.encode(),
+               " ".join(flags).encode(), _cpu_flags().encode(), jax.__version__.encode(),
+               str((lib / "libdnnl.so.3").resolve()).encode()):
     digest.update(part)
   cache = _cache_dir()
   target = cache / f"cpu_kernels-{digest.hexdigest()[:16]}.so"
@@ -210,8 +227,12 @@ def _library():
           lib.bptt_rnn_workspace_bytes.argtypes = [ctypes.c_int64] * 5 + [
               ctypes.c_char_p, ctypes.c_int64]
           lib.bptt_rnn_threads.restype = ctypes.c_int64
+          lib.bptt_fused_workspace_bytes.restype = ctypes.c_int64
+          lib.bptt_fused_workspace_bytes.argtypes = [ctypes.c_int64] * 3
           for name, symbol in (("bptt_rnn_forward", lib.BpttRnnForward),
-                               ("bptt_rnn_backward", lib.BpttRnnBackward)):
+                               ("bptt_rnn_backward", lib.BpttRnnBackward),
+                               ("bptt_fused_forward", lib.BpttFusedForward),
+                               ("bptt_fused_backward", lib.BpttFusedBackward)):
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
           reason = f"oneDNN kernels loaded from {path}"
         except (OSError, AttributeError) as e:
@@ -258,14 +279,17 @@ def _off_reason(enabled) -> str | None:
   return None
 
 
-def _on(family: str) -> bool:
+def _family(name: str) -> str | None:
+  """The family that runs cell ``name`` here, or ``None``."""
   enabled = _enabled()
-  return family in enabled and _off_reason(enabled) is None
+  if _off_reason(enabled) is not None:
+    return None
+  return next((f for f in FAMILIES if f in enabled and name in _COVERS[f]), None)
 
 
 def usable(name: str, params, xs, carry, mask) -> bool:
-  """Whether the kernel runs cell ``name`` here (decided at trace time)."""
-  if name not in _KINDS or mask is not None or not _on("rnn"):
+  """Whether a kernel runs cell ``name`` here (decided at trace time)."""
+  if name not in _KINDS or mask is not None or _family(name) is None:
     return False
   if not isinstance(params, dict) or set(params) != _PARAM_KEYS[name]:
     return False
@@ -294,13 +318,17 @@ def sequence(name: str, params, xs: Array, carry):
     h0, c0 = carry.h, carry.c
   else:
     h0, c0 = carry, jnp.zeros((0,), jnp.float32)
-  hs, h_T, c_T = _rnn(kind, W, U, b, xs, h0, c0)
+  target = "bptt_fused" if _family(name) == "fused" else "bptt_rnn"
+  hs, h_T, c_T = _rnn((target, kind), W, U, b, xs, h0, c0)
   final = carry._replace(h=h_T, c=c_T) if name == "lstm" else h_T
   return final, hs
 
 
-def _workspace_bytes(kind, T, B, D, H) -> int:
+def _workspace_bytes(config, T, B, D, H) -> int:
+  target, kind = config
   lib = _library()[0]
+  if target == "bptt_fused":
+    return int(lib.bptt_fused_workspace_bytes(T, B, H))
   error = ctypes.create_string_buffer(512)
   size = lib.bptt_rnn_workspace_bytes(kind, T, B, D, H, error, len(error))
   if size < 0:
@@ -310,29 +338,30 @@ def _workspace_bytes(kind, T, B, D, H) -> int:
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
-def _forward(kind, training, W, U, b, xs, h0, c0):
+def _forward(config, training, W, U, b, xs, h0, c0):
+  target, kind = config
   T, B, D = xs.shape
   H = h0.shape[-1]
-  workspace = _workspace_bytes(kind, T, B, D, H) if training else 0
+  workspace = _workspace_bytes(config, T, B, D, H) if training else 0
   f32 = jnp.float32
   out = (jax.ShapeDtypeStruct((T, B, H), f32), jax.ShapeDtypeStruct((B, H), f32),
          jax.ShapeDtypeStruct(c0.shape, f32), jax.ShapeDtypeStruct((workspace,), jnp.uint8))
-  call = jax.ffi.ffi_call("bptt_rnn_forward", out, vmap_method="sequential")
+  call = jax.ffi.ffi_call(f"{target}_forward", out, vmap_method="sequential")
   return call(xs, h0, c0, W, U, b, kind=np.int64(kind), training=np.int64(training))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _rnn(kind, W, U, b, xs, h0, c0):
-  return _forward(kind, False, W, U, b, xs, h0, c0)[:3]
+def _rnn(config, W, U, b, xs, h0, c0):
+  return _forward(config, False, W, U, b, xs, h0, c0)[:3]
 
 
-def _rnn_fwd(kind, W, U, b, xs, h0, c0):
-  hs, h_T, c_T, workspace = _forward(kind, True, W, U, b, xs, h0, c0)
+def _rnn_fwd(config, W, U, b, xs, h0, c0):
+  hs, h_T, c_T, workspace = _forward(config, True, W, U, b, xs, h0, c0)
   return (hs, h_T, c_T), (W, U, b, xs, h0, c0, hs, h_T, c_T, workspace)
 
 
-def _rnn_bwd(kind, residuals, cotangents):
-  dxs, dh0, dc0, dW, dU, db = _backward(kind, residuals, cotangents)
+def _rnn_bwd(config, residuals, cotangents):
+  dxs, dh0, dc0, dW, dU, db = _backward(config, residuals, cotangents)
   return dW, dU, db, dxs, dh0, dc0
 
 
@@ -340,11 +369,12 @@ _rnn.defvjp(_rnn_fwd, _rnn_bwd)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _backward(kind, residuals, cotangents):
+def _backward(config, residuals, cotangents):
+  target, kind = config
   W, U, b, xs, h0, c0, hs, h_T, c_T, workspace = residuals
   dhs, dh_T, dc_T = cotangents
   out = tuple(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (xs, h0, c0, W, U, b))
-  call = jax.ffi.ffi_call("bptt_rnn_backward", out, vmap_method="sequential")
+  call = jax.ffi.ffi_call(f"{target}_backward", out, vmap_method="sequential")
   return call(xs, h0, c0, W, U, b, hs, h_T, c_T, workspace, dhs, dh_T, dc_T,
               kind=np.int64(kind))
 

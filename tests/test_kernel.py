@@ -1,4 +1,4 @@
-"""Tests for bptt_jax/_kernel.py: oneDNN's sequence kernels.
+"""Tests for bptt_jax/_kernel.py: oneDNN's sequence kernels and the written-out LSTM kernel.
 
 References: the pure-JAX fused path (hand-written backward), autodiff through
 ``lax.scan`` (``fused=False``), and PyTorch's own nn.RNN/LSTM/GRU with the
@@ -26,7 +26,13 @@ def all_kernels():
 
 CELLS = {"rnn_tanh": lambda H: bj.rnn(H, "tanh"), "rnn_relu": lambda H: bj.rnn(H, "relu"),
          "lstm": bj.lstm, "gru": bj.gru}
+# (cell, kernel family): every kernel that runs a cell, each on its own.
+KERNELS = [("rnn_tanh", "rnn"), ("rnn_relu", "rnn"), ("lstm", "rnn"), ("lstm", "fused"),
+           ("gru", "rnn")]
+TARGETS = {"rnn": "bptt_rnn_forward", "fused": "bptt_fused_forward"}
 SHAPES = [(1, 1, 2, 3), (3, 6, 4, 17), (1, 9, 1, 13), (2, 5, 16, 32)]  # B, T, D, H
+# Shapes for the written-out kernel's blocks: one block (H < 16), two even and uneven.
+FUSED_SHAPES = [(5, 7, 3, 16), (2, 4, 6, 41), (17, 3, 2, 64)]
 TOL = dict(rtol=2e-5, atol=2e-6)
 
 
@@ -66,19 +72,30 @@ def _close(actual, expected):
     np.testing.assert_allclose(np.asarray(a), np.asarray(e), **TOL)
 
 
-def _uses_kernel(fn, *args) -> bool:
+def _uses_kernel(fn, *args, family=None) -> bool:
   text = str(jax.make_jaxpr(fn)(*args))
-  return "bptt_rnn_forward" in text
+  targets = [TARGETS[family]] if family else list(TARGETS.values())
+  return any(t in text for t in targets)
+
+
+def _case(name, family, shape):
+  return pytest.param(name, family, shape, id="{}-{}-B{}T{}D{}H{}".format(name, family, *shape))
+
+
+def _cases(shapes):
+  return ([_case(name, family, shape) for name, family in KERNELS for shape in shapes]
+          + [_case("lstm", "fused", shape) for shape in FUSED_SHAPES])
 
 
 @needs_kernels
-@pytest.mark.parametrize("name", list(CELLS))
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}T{}D{}H{}".format(*s))
-def test_values_and_gradients_equal_the_jax_paths(name, shape):
+@pytest.mark.parametrize("name,family,shape", _cases(SHAPES))
+def test_values_and_gradients_equal_the_jax_paths(name, family, shape):
   cell, params, xs, carry, cot = _setup(name, *shape)
   loss = _loss(cell)
-  assert _uses_kernel(jax.grad(lambda *a: loss(*a)[0], argnums=(0, 1, 2)), params, xs, carry, cot)
-  kernel = _run(loss, params, xs, carry, cot)
+  with bj.use_kernels(family):
+    assert _uses_kernel(jax.grad(lambda *a: loss(*a)[0], argnums=(0, 1, 2)), params, xs, carry,
+                        cot, family=family)
+    kernel = _run(loss, params, xs, carry, cot)
   with bj.use_kernels(False):
     assert not _uses_kernel(lambda *a: loss(*a)[0], params, xs, carry, cot)
     fused = _run(loss, params, xs, carry, cot)
@@ -88,14 +105,15 @@ def test_values_and_gradients_equal_the_jax_paths(name, shape):
 
 
 @needs_kernels
-@pytest.mark.parametrize("name", list(CELLS))
-def test_forward_only_equals_autodiff_path(name):
+@pytest.mark.parametrize("name,family", KERNELS)
+def test_forward_only_equals_autodiff_path(name, family):
   cell, params, xs, carry, _ = _setup(name, 3, 11, 4, 9, seed=1)
   run = lambda p, x, c, **kw: bj.unroll(cell, p, x, carry=c, **kw)  # noqa: E731
-  assert _uses_kernel(run, params, xs, carry)
-  _close(jax.jit(run)(params, xs, carry),
-         jax.jit(lambda p, x, c: run(p, x, c, fused=False))(params, xs, carry))
-  _close(run(params, xs, carry), jax.jit(run)(params, xs, carry))  # eager too
+  with bj.use_kernels(family):
+    assert _uses_kernel(run, params, xs, carry, family=family)
+    _close(jax.jit(run)(params, xs, carry),
+           jax.jit(lambda p, x, c: run(p, x, c, fused=False))(params, xs, carry))
+    _close(run(params, xs, carry), jax.jit(run)(params, xs, carry))  # eager too
 
 
 def _torch():
@@ -104,8 +122,8 @@ def _torch():
 
 
 @needs_kernels
-@pytest.mark.parametrize("name", list(CELLS))
-def test_equals_pytorch(name):
+@pytest.mark.parametrize("name,family", KERNELS)
+def test_equals_pytorch(name, family):
   torch = _torch()
   B, T, D, H = 3, 8, 5, 19
   torch.manual_seed(0)
@@ -130,13 +148,42 @@ def test_equals_pytorch(name):
     _, hs = bj.unroll(cell, params, xs)
     return jnp.sum(hs * cot), hs
 
-  assert _uses_kernel(lambda s, x: loss(s, x)[0], state, xs)
-  (_, hs), (d_state, d_xs) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
-      state, jnp.asarray(xs))
+  with bj.use_kernels(family):
+    assert _uses_kernel(lambda s, x: loss(s, x)[0], state, xs, family=family)
+    (_, hs), (d_state, d_xs) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
+        state, jnp.asarray(xs))
   np.testing.assert_allclose(hs, out.detach().numpy(), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(d_xs, x.grad.numpy(), rtol=1e-5, atol=1e-5)
   for k, p in module.named_parameters():
     np.testing.assert_allclose(d_state[k], p.grad.numpy(), rtol=1e-5, atol=1e-5, err_msg=k)
+
+
+@needs_kernels
+def test_fused_lstm_saturates_and_carries_nan_like_the_jax_path():
+  """Pre-activations of +-100 (the kernel's own exp, sigmoid and tanh saturate without
+  overflow) and a NaN input (it reaches the same outputs and gradients as on the JAX
+  path, so NaN-safe training steps see it)."""
+  cell, params, xs, carry, cot = _setup("lstm", 3, 6, 4, 24)
+  loss = _loss(cell)
+  big = 40.0 * xs
+  with bj.use_kernels("fused"):
+    kernel = _run(loss, params, big, carry, cot)
+  with bj.use_kernels(False):
+    reference = _run(loss, params, big, carry, cot)
+  for got, want in zip(jax.tree_util.tree_leaves(kernel), jax.tree_util.tree_leaves(reference)):
+    # Saturated gates make 1 - sigmoid a difference of nearly equal numbers: compare each
+    # array at the scale of its largest entry.
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+  nan_xs = xs.at[1, 2, 0].set(jnp.nan)
+  with bj.use_kernels("fused"):
+    (_, (_, hs)), grads = _run(loss, params, nan_xs, carry, cot)
+  with bj.use_kernels(False):
+    (_, (_, ref_hs)), ref_grads = _run(loss, params, nan_xs, carry, cot)
+  np.testing.assert_array_equal(np.isnan(hs), np.isnan(ref_hs))
+  assert np.isnan(np.asarray(hs)[1, 2:]).all() and not np.isnan(np.asarray(hs)[0]).any()
+  for got, want in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref_grads)):
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
 
 
 @needs_kernels
@@ -189,7 +236,7 @@ def test_switches_and_status(monkeypatch):
     with bj.use_kernels("rnn"):
       assert _kernel._enabled() == ("rnn",)
     assert _kernel._enabled() == ()
-  assert _kernel._enabled() == ("rnn",)  # the fixture's setting, restored
+  assert _kernel._enabled() == ("fused", "rnn")  # the fixture's setting, restored
   with bj.use_kernels(["rnn"]):
     assert _kernel._enabled() == ("rnn",)
   # Without a call, the environment decides, else the default.
@@ -197,7 +244,8 @@ def test_switches_and_status(monkeypatch):
   monkeypatch.delenv("BPTT_JAX_KERNELS", raising=False)
   assert _kernel._enabled() == _kernel.DEFAULT
   assert _kernel.DEFAULT == ()  # off unless asked for
-  for env, expected in (("0", ()), ("all", ("rnn",)), ("rnn", ("rnn",)), (" rnn ,", None)):
+  for env, expected in (("0", ()), ("all", ("fused", "rnn")), ("rnn", ("rnn",)),
+                        ("rnn,fused", ("fused", "rnn")), (" rnn ,", None)):
     if expected is None:  # an empty name in the list
       monkeypatch.setenv("BPTT_JAX_KERNELS", env)
       with pytest.raises(TypeError, match="BPTT_JAX_KERNELS"):
@@ -215,7 +263,7 @@ def test_switches_and_status(monkeypatch):
 @needs_kernels
 def test_status_describes_the_library():
   status = bj.kernels()
-  assert status.active and status.enabled == ("rnn",)
+  assert status.active and status.enabled == ("fused", "rnn")
   assert status.onednn_version.count(".") == 2
   assert status.threads >= 1
   assert status.library.endswith(".so")

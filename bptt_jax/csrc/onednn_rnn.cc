@@ -36,6 +36,7 @@
 #include <tuple>
 #include <unordered_map>
 
+#include "kept.h"
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
 
@@ -142,29 +143,6 @@ Plan& GetPlan(const Key& key) {
   return *it->second;
 }
 
-// A buffer of at least `bytes`, 64-byte aligned, kept by this thread in slot `slot`.
-void* Kept(int slot, size_t bytes) {
-  struct Slot {
-    void* data = nullptr;
-    size_t size = 0;
-    ~Slot() { std::free(data); }
-  };
-  thread_local Slot slots[3];
-  Slot& s = slots[slot];
-  if (bytes > s.size) {
-    std::free(s.data);
-    s.size = (bytes + 63) / 64 * 64;
-    s.data = std::aligned_alloc(64, s.size);
-    if (s.data == nullptr) {
-      s.size = 0;
-      throw std::bad_alloc();
-    }
-  }
-  return s.data;
-}
-
-enum Slots { kScratch = 0, kWeightsLayer = 1, kWeightsIter = 2 };
-
 memory::desc ArgMd(const dnnl::primitive_desc& pd, int arg) {
   return pd.query_md(dnnl::query::exec_arg_md, arg);
 }
@@ -173,7 +151,7 @@ memory::desc ArgMd(const dnnl::primitive_desc& pd, int arg) {
 memory Prepared(const dnnl::primitive_desc& pd, int arg, const memory& user, dnnl::stream& s) {
   const auto want = ArgMd(pd, arg);
   if (want == user.get_desc()) return user;
-  const int slot = arg == DNNL_ARG_WEIGHTS_LAYER ? kWeightsLayer : kWeightsIter;
+  const KeptSlot slot = arg == DNNL_ARG_WEIGHTS_LAYER ? kWeightsLayer : kWeightsIter;
   memory copy(want, Engine(), Kept(slot, want.get_size()));
   dnnl::reorder(user, copy).execute(s, const_cast<memory&>(user), copy);
   return copy;
@@ -186,18 +164,6 @@ memory Wrap(const memory::desc& md, const void* data) {
 Key KeyOf(int64_t kind, ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& h0) {
   auto x = xs.dimensions();
   return Key{kind, x[0], x[1], x[2], h0.dimensions()[1]};
-}
-
-// `body()`, with oneDNN's exceptions and a failed allocation turned into FFI errors.
-template <typename F>
-ffi::Error Guarded(F body) {
-  try {
-    return body();
-  } catch (const dnnl::error& e) {
-    return ffi::Error::Internal(std::string("oneDNN: ") + e.what());
-  } catch (const std::bad_alloc&) {
-    return ffi::Error::Internal("bptt_rnn: out of memory for oneDNN's scratchpad");
-  }
 }
 
 ffi::Error CheckKind(int64_t kind) {
@@ -232,7 +198,7 @@ ffi::Error Forward(int64_t kind, int64_t training, ffi::Buffer<ffi::F32> xs,
                    ffi::ResultBuffer<ffi::F32> hs, ffi::ResultBuffer<ffi::F32> h_t,
                    ffi::ResultBuffer<ffi::F32> c_t, ffi::ResultBuffer<ffi::U8> workspace) {
   if (auto err = CheckKind(kind); err.failure()) return err;
-  return Guarded([&]() -> ffi::Error {
+  return Guarded("bptt_rnn_forward (oneDNN)", [&]() -> ffi::Error {
     Plan& p = GetPlan(KeyOf(kind, xs, h0));
     const auto& pd = training ? p.train_pd : p.infer_pd;
     dnnl::stream s(Engine());
@@ -266,7 +232,7 @@ ffi::Error Backward(int64_t kind, ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32
                     ffi::ResultBuffer<ffi::F32> dc0, ffi::ResultBuffer<ffi::F32> dw,
                     ffi::ResultBuffer<ffi::F32> du, ffi::ResultBuffer<ffi::F32> dbias) {
   if (auto err = CheckKind(kind); err.failure()) return err;
-  return Guarded([&]() -> ffi::Error {
+  return Guarded("bptt_rnn_backward (oneDNN)", [&]() -> ffi::Error {
     Plan& p = GetPlan(KeyOf(kind, xs, h0));
     const auto& pd = p.backward_pd;
     dnnl::stream s(Engine());

@@ -48,6 +48,9 @@ IMPLS = {
     "bptt_jax_onednn_omp1": Impl("bptt_jax", env={"BPTT_JAX_KERNELS": "all",
                                                   "OMP_NUM_THREADS": "1"}),
     "bptt_jax_malloc": Impl("bptt_jax", env=TUNED_MALLOC),
+    # the written-out C++ sequence kernels (BPTT_JAX_KERNELS=fused)
+    "bptt_jax_kernel": Impl("bptt_jax", env={"BPTT_JAX_KERNELS": "fused"}),
+    "bptt_jax_kernel_malloc": Impl("bptt_jax", env={"BPTT_JAX_KERNELS": "fused", **TUNED_MALLOC}),
     "bptt_jax_autodiff": Impl("bptt_jax", {"fused": False}),
     "bptt_jax_hoisted": Impl("bptt_jax", {"fused": False, "hoist": True}),
     "flax": Impl("flax"),
