@@ -55,7 +55,7 @@ _PARAM_KEYS = {"rnn_tanh": {"W", "U", "b"}, "rnn_relu": {"W", "U", "b"},
 
 FAMILIES = ("fused", "rnn")
 # The cells each family covers; where several are on, the first in FAMILIES runs.
-_COVERS = {"fused": ("lstm",), "rnn": tuple(_KINDS)}
+_COVERS = {"fused": tuple(_KINDS), "rnn": tuple(_KINDS)}
 DEFAULT = ()  # off: on the machines measured, the JAX paths were as fast or faster (README)
 
 
@@ -228,7 +228,7 @@ def _library():
               ctypes.c_char_p, ctypes.c_int64]
           lib.bptt_rnn_threads.restype = ctypes.c_int64
           lib.bptt_fused_workspace_bytes.restype = ctypes.c_int64
-          lib.bptt_fused_workspace_bytes.argtypes = [ctypes.c_int64] * 3
+          lib.bptt_fused_workspace_bytes.argtypes = [ctypes.c_int64] * 4
           for name, symbol in (("bptt_rnn_forward", lib.BpttRnnForward),
                                ("bptt_rnn_backward", lib.BpttRnnBackward),
                                ("bptt_fused_forward", lib.BpttFusedForward),
@@ -328,7 +328,7 @@ def _workspace_bytes(config, T, B, D, H) -> int:
   target, kind = config
   lib = _library()[0]
   if target == "bptt_fused":
-    return int(lib.bptt_fused_workspace_bytes(T, B, H))
+    return int(lib.bptt_fused_workspace_bytes(kind, T, B, H))
   error = ctypes.create_string_buffer(512)
   size = lib.bptt_rnn_workspace_bytes(kind, T, B, D, H, error, len(error))
   if size < 0:

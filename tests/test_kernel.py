@@ -27,8 +27,7 @@ def all_kernels():
 CELLS = {"rnn_tanh": lambda H: bj.rnn(H, "tanh"), "rnn_relu": lambda H: bj.rnn(H, "relu"),
          "lstm": bj.lstm, "gru": bj.gru}
 # (cell, kernel family): every kernel that runs a cell, each on its own.
-KERNELS = [("rnn_tanh", "rnn"), ("rnn_relu", "rnn"), ("lstm", "rnn"), ("lstm", "fused"),
-           ("gru", "rnn")]
+KERNELS = [(name, family) for name in CELLS for family in ("fused", "rnn")]
 TARGETS = {"rnn": "bptt_rnn_forward", "fused": "bptt_fused_forward"}
 SHAPES = [(1, 1, 2, 3), (3, 6, 4, 17), (1, 9, 1, 13), (2, 5, 16, 32)]  # B, T, D, H
 # Shapes for the written-out kernel's blocks: one block (H < 16), two even and uneven.
@@ -69,7 +68,10 @@ def _close(actual, expected):
   flat_e, tree_e = jax.tree_util.tree_flatten(expected)
   assert tree_a == tree_e
   for a, e in zip(flat_a, flat_e):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(e), **TOL)
+    # A gradient summed over steps and rows is only as exact as its largest entry.
+    scale = max(1.0, float(np.abs(np.asarray(e)).max(initial=0.0)))
+    np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=TOL["rtol"],
+                               atol=TOL["atol"] * scale)
 
 
 def _uses_kernel(fn, *args, family=None) -> bool:
@@ -84,7 +86,7 @@ def _case(name, family, shape):
 
 def _cases(shapes):
   return ([_case(name, family, shape) for name, family in KERNELS for shape in shapes]
-          + [_case("lstm", "fused", shape) for shape in FUSED_SHAPES])
+          + [_case(name, "fused", shape) for name in CELLS for shape in FUSED_SHAPES])
 
 
 @needs_kernels

@@ -1,29 +1,33 @@
-// Whole-sequence LSTM kernels for XLA:CPU, written out: one GEMM per step, the gates in place.
+// Whole-sequence RNN, LSTM and GRU kernels for XLA:CPU, written out: one GEMM per step and
+// thread, the gates computed in place.
 //
 //   bptt_fused_forward(xs, h0, c0, W, U, bias) -> (hs, h_T, c_T, workspace)
 //   bptt_fused_backward(xs, h0, c0, W, U, bias, hs, h_T, c_T, workspace, dhs, dh_T, dc_T)
 //       -> (dxs, dh0, dc0, dW, dU, dbias)
 //
 // The same calls and layouts as the oneDNN handlers (onednn_rnn.cc): float32,
-// time-major xs [T, B, D] and hs [T, B, H], states [B, H], W [D, 4H], U [H, 4H],
-// bias [4H], gate blocks (i, f, g, o).
+// time-major xs [T, B, D] and hs [T, B, H], states [B, H], W [D, G*H], U [H,
+// G*H], bias [G'*H], the gate blocks in oneDNN's order: (i, f, g, o) for the
+// LSTM, (z, r, n) and a fourth bias block b_hn for the GRU (linear before
+// reset); c0 and c_T are empty except for the LSTM. `kind` is 0 (tanh RNN), 1
+// (ReLU RNN), 2 (LSTM) or 3 (GRU).
 //
-// The hidden units are split into one block per thread. Gates are kept
-// transposed, one row per (gate, unit) and one column per (step, row of the
-// batch): a matrix [4H, T*B] whose rows are ordered block by block, so that a
-// thread's gates are contiguous rows. Each step a thread computes its rows,
+// The hidden units are split into one block per thread. A step's gates are
+// kept transposed, one row per (gate, unit) and one column per row of the
+// batch, with the rows ordered block by block so that a thread's are
+// contiguous. Each step a thread computes its rows,
 //
-//   gates[rows, t] += U^T[rows] h_{t-1}^T     (M = 4 * block, N = B, K = H)
+//   gates_t[rows] = W_p[rows] x_t^T + U_p[rows] h_{t-1}^T    (M = G * block, N = B)
 //
-// and then its units' cell and hidden states, and waits for the others (one
-// barrier per step). The GEMM reads h_{t-1} straight out of hs (the
-// transposed operand of oneDNN's sgemm), and a product with the gates as the
-// rows runs near the machine's peak even for small B, where the [B, H] x [H,
-// 4H] product does not. The input projection for all steps is one GEMM before
-// the loop; the backward pass is the same loop in reverse (dh_{t-1}^T = U_p
-// dgates_t, one GEMM per step and block) and then four large GEMMs for dW, dU
-// and dxs. The forward pass leaves the gates (after their nonlinearities) and
-// the cell states in the workspace for it.
+// reading x_t and h_{t-1} straight out of xs and hs (the transposed operand of
+// oneDNN's sgemm), then its units' states, and waits for the others: one
+// barrier per step. A product with the gates as its rows runs near the
+// machine's peak even for small B, where [B, H] x [H, G*H] does not. The
+// backward pass is the same loop in reverse (dh_{t-1}^T = U_p dgates_t, one GEMM
+// per step and block), then large GEMMs for dW, dU and dxs over all steps.
+// The forward pass leaves what the backward pass reads in the workspace: the
+// LSTM's gates after their nonlinearities and its cell states; the GRU's z, r,
+// n and h U_n + b_hn; nothing for the RNN (its outputs are its hidden states).
 
 #include <omp.h>
 
@@ -45,9 +49,10 @@ namespace {
 
 // ---------------------------------------------------------------------------
 // exp, sigmoid and tanh in float32 that the compiler vectorizes (no calls, no
-// branches). Cephes' expf: x = n ln 2 + r, |r| <= ln 2 / 2, a degree-6
-// polynomial for e^r and 2^n put into the exponent bits; about 1 ulp. Beyond
-// the float range: 0 and +inf. NaN stays NaN (every comparison keeps it).
+// branches; built with -fno-trapping-math). Cephes' expf: x = n ln 2 + r,
+// |r| <= ln 2 / 2, a degree-6 polynomial for e^r and 2^n put into the exponent
+// bits; about 1 ulp. Beyond the float range: 0 and +inf. NaN stays NaN (every
+// comparison keeps it).
 
 inline float Exp(float x) {
   const float hi = 88.3762626647949f, lo = -87.3365447504019f;
@@ -100,46 +105,6 @@ void Gemm(char ta, char tb, int64_t M, int64_t N, int64_t K, const float* A, int
     throw std::runtime_error("oneDNN's sgemm failed with status " + std::to_string(status));
 }
 
-constexpr int64_t kGates = 4;
-constexpr int64_t kHeader = 16;  // floats before the workspace's arrays: [0] the block count
-
-// Units [Start(k), Start(k + 1)) form block k; the gate rows of block k start at 4 Start(k).
-struct Blocks {
-  int64_t n, H;
-  int64_t Start(int64_t k) const { return k * H / n; }
-  int64_t Size(int64_t k) const { return Start(k + 1) - Start(k); }
-  int64_t Block(int64_t j) const {  // the block of unit j
-    int64_t k = std::min(n - 1, j * n / H);
-    while (Start(k) > j) --k;
-    while (Start(k + 1) <= j) ++k;
-    return k;
-  }
-  // The row of gate g of unit j.
-  int64_t Row(int64_t g, int64_t j) const {
-    const int64_t k = Block(j);
-    return kGates * Start(k) + g * Size(k) + (j - Start(k));
-  }
-};
-
-int64_t BlockCount(int64_t H) {
-  // One block per thread, each of at least 8 units.
-  return std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), H / 8));
-}
-
-int64_t WorkspaceFloats(int64_t T, int64_t B, int64_t H) {
-  return kHeader + kGates * H * T * B + H * (T + 1) * B;  // gates [T, 4H, B], cells [T+1, H, B]
-}
-
-// W [D, 4H] -> Wp [4H, D] with the rows in block order (and U alike).
-void PackTransposed(const Blocks& blk, const float* W, int64_t D, float* Wp) {
-  const int64_t H = blk.H;
-  for (int64_t g = 0; g < kGates; ++g)
-    for (int64_t j = 0; j < H; ++j) {
-      float* row = Wp + blk.Row(g, j) * D;
-      for (int64_t d = 0; d < D; ++d) row[d] = W[d * kGates * H + g * H + j];
-    }
-}
-
 // out [cols, rows] = in [rows, cols]^T, for row-major arrays with leading dimensions.
 void Transpose(const float* in, int64_t rows, int64_t cols, int64_t ld_in, float* out,
                int64_t ld_out) {
@@ -151,6 +116,61 @@ void Transpose(const float* in, int64_t rows, int64_t cols, int64_t ld_in, float
           out[c * ld_out + r] = in[r * ld_in + c];
 }
 
+enum Kind : int64_t { kRnnTanh = 0, kRnnRelu = 1, kLstm = 2, kGru = 3 };
+
+int64_t Gates(int64_t kind) { return kind == kLstm ? 4 : kind == kGru ? 3 : 1; }
+// Rows per unit and step that the forward pass saves for the backward pass.
+int64_t Saved(int64_t kind) { return kind == kLstm || kind == kGru ? 4 : 0; }
+
+constexpr int64_t kHeader = 16;  // floats before the workspace's arrays: [0] the block count
+
+// Units [Start(k), Start(k + 1)) form block k. With `rows` rows per unit, the
+// rows of block k start at rows * Start(k), one run of Size(k) per gate.
+struct Blocks {
+  int64_t n, H;
+  int64_t Start(int64_t k) const { return k * H / n; }
+  int64_t Size(int64_t k) const { return Start(k + 1) - Start(k); }
+  int64_t Block(int64_t j) const {  // the block of unit j
+    int64_t k = std::min(n - 1, j * n / H);
+    while (Start(k) > j) --k;
+    while (Start(k + 1) <= j) ++k;
+    return k;
+  }
+  // The row of gate g of unit j, with `rows` rows per unit.
+  int64_t Row(int64_t rows, int64_t g, int64_t j) const {
+    const int64_t k = Block(j);
+    return rows * Start(k) + g * Size(k) + (j - Start(k));
+  }
+};
+
+int64_t BlockCount(int64_t H) {
+  // One block per thread, each of at least 8 units.
+  return std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), H / 8));
+}
+
+int64_t WorkspaceFloats(int64_t kind, int64_t T, int64_t B, int64_t H) {
+  // saved rows [T, S*H, B]; the LSTM's cell states [T+1, H, B]
+  return kHeader + Saved(kind) * H * T * B + (kind == kLstm ? H * (T + 1) * B : 0);
+}
+
+// W [D, G*H] -> Wp [G*H, D] with the rows in block order (U alike).
+void PackTransposed(const Blocks& blk, int64_t G, const float* W, int64_t D, float* Wp) {
+  const int64_t H = blk.H;
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t j = 0; j < H; ++j) {
+      float* row = Wp + blk.Row(G, g, j) * D;
+      for (int64_t d = 0; d < D; ++d) row[d] = W[d * G * H + g * H + j];
+    }
+}
+
+// Wp [K, G*H] (columns in block order) -> W [K, G*H] (columns in gate order).
+void UnpackColumns(const Blocks& blk, int64_t G, const float* Wp, int64_t K, float* W) {
+  const int64_t H = blk.H;
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t j = 0; j < H; ++j) W[k * G * H + g * H + j] = Wp[k * G * H + blk.Row(G, g, j)];
+}
+
 struct Shape {
   int64_t T, B, D, H;
 };
@@ -160,190 +180,296 @@ Shape ShapeOf(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& h0) {
   return {x[0], x[1], x[2], h0.dimensions()[1]};
 }
 
-// The forward pass. `gates` [T, 4H, B] (rows in block order) and `cells`
-// [T+1, H, B] (cells[0] = c0^T) are the workspace's arrays, or kept buffers for
-// inference. Each step's gates are one contiguous [4H, B] block.
-void LstmForward(const Shape& s, const Blocks& blk, const float* xs, const float* h0,
-                 const float* c0, const float* W, const float* U, const float* bias, float* hs,
-                 float* h_t, float* c_t, float* gates, float* cells) {
-  const int64_t T = s.T, B = s.B, D = s.D, H = s.H, G = kGates * H;
-  float* Wp = static_cast<float*>(Kept(kPackedW, sizeof(float) * G * D));
-  float* Up = static_cast<float*>(Kept(kPackedU, sizeof(float) * G * H));
-  float* bp = static_cast<float*>(Kept(kPackedBias, sizeof(float) * G));
-  PackTransposed(blk, W, D, Wp);
-  PackTransposed(blk, U, H, Up);
-  for (int64_t g = 0; g < kGates; ++g)
-    for (int64_t j = 0; j < H; ++j) bp[blk.Row(g, j)] = bias[g * H + j];
-  Transpose(c0, B, H, H, cells, B);
+// Inside a parallel region: `step(t, j0, hb)` for t = 0 .. T-1 and each block of
+// this thread (its units j0 .. j0 + hb - 1), with a barrier after each step.
+template <typename Step>
+void Steps(const Blocks& blk, int64_t T, Step step) {
+  const int64_t nthr = omp_get_num_threads(), tid = omp_get_thread_num();
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t k = tid; k < blk.n; k += nthr) step(t, blk.Start(k), blk.Size(k));
+#pragma omp barrier
+  }
+}
+
+void Forward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, const float* h0,
+             const float* c0, const float* W, const float* U, const float* bias, float* hs,
+             float* h_t, float* c_t, float* saved, float* cells) {
+  const int64_t T = s.T, B = s.B, D = s.D, H = s.H, G = Gates(kind), S = Saved(kind);
+  const int64_t GH = G * H;
+  float* Wp = static_cast<float*>(Kept(kPackedW, sizeof(float) * GH * D));
+  float* Up = static_cast<float*>(Kept(kPackedU, sizeof(float) * GH * H));
+  float* bp = static_cast<float*>(Kept(kPackedBias, sizeof(float) * (GH + H)));
+  // For the GRU, the previous hidden state of every unit, [H, B].
+  float* h_prev_t = static_cast<float*>(Kept(kStateGrads, sizeof(float) * H * B));
+  PackTransposed(blk, G, W, D, Wp);
+  PackTransposed(blk, G, U, H, Up);
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t j = 0; j < H; ++j) bp[blk.Row(G, g, j)] = bias[g * H + j];
+  if (kind == kGru) {
+    std::memcpy(bp + GH, bias + GH, sizeof(float) * H);  // b_hn, in unit order
+    Transpose(h0, B, H, H, h_prev_t, B);
+  }
+  if (kind == kLstm) Transpose(c0, B, H, H, cells, B);
 
 #pragma omp parallel
   {
-    const int64_t nthr = omp_get_num_threads(), tid = omp_get_thread_num();
-    std::vector<float> h_block;
-    for (int64_t t = 0; t < T; ++t) {
+    const int64_t most = (H + blk.n - 1) / blk.n + 1;
+    std::vector<float> px(G * most * B), ph(kind == kGru ? G * most * B : 0), h_new(most * B);
+    Steps(blk, T, [&](int64_t t, int64_t j0, int64_t hb) {
+      const int64_t r0 = G * j0;
       const float* h_prev = t == 0 ? h0 : hs + (t - 1) * B * H;
-      for (int64_t k = tid; k < blk.n; k += nthr) {
-        const int64_t j0 = blk.Start(k), hb = blk.Size(k), r0 = kGates * j0;
-        float* gt = gates + (t * G + r0) * B;
-        // gates_t[rows] = Wp[rows] x_t^T + Up[rows] h_{t-1}^T
-        Gemm('N', 'T', kGates * hb, B, D, Wp + r0 * D, D, xs + t * B * D, D, 0.0f, gt, B);
-        Gemm('N', 'T', kGates * hb, B, H, Up + r0 * H, H, h_prev, H, 1.0f, gt, B);
-        h_block.resize(hb * B);
-        for (int64_t u = 0; u < hb; ++u) {
-          float* gi = gt + (0 * hb + u) * B;
-          float* gf = gt + (1 * hb + u) * B;
-          float* gg = gt + (2 * hb + u) * B;
-          float* go = gt + (3 * hb + u) * B;
+      Gemm('N', 'T', G * hb, B, D, Wp + r0 * D, D, xs + t * B * D, D, 0.0f, px.data(), B);
+      float* hp = kind == kGru ? ph.data() : px.data();
+      Gemm('N', 'T', G * hb, B, H, Up + r0 * H, H, h_prev, H, kind == kGru ? 0.0f : 1.0f, hp, B);
+      float* st = saved + (t * S * H + S * j0) * B;  // this block's saved rows at step t
+      for (int64_t u = 0; u < hb; ++u) {
+        const int64_t j = j0 + u;
+        float* h_row = h_new.data() + u * B;
+        if (kind == kLstm) {
+          const float* gi = px.data() + (0 * hb + u) * B;
+          const float* gf = px.data() + (1 * hb + u) * B;
+          const float* gg = px.data() + (2 * hb + u) * B;
+          const float* go = px.data() + (3 * hb + u) * B;
+          float* si = st + (0 * hb + u) * B;
+          float* sf = st + (1 * hb + u) * B;
+          float* sg = st + (2 * hb + u) * B;
+          float* so = st + (3 * hb + u) * B;
           const float bi = bp[r0 + u], bf = bp[r0 + hb + u], bg = bp[r0 + 2 * hb + u],
                       bo = bp[r0 + 3 * hb + u];
-          const float* c_prev = cells + (t * H + j0 + u) * B;
-          float* c_row = cells + ((t + 1) * H + j0 + u) * B;
-          float* h_row = h_block.data() + u * B;
+          const float* c_prev = cells + (t * H + j) * B;
+          float* c_row = cells + ((t + 1) * H + j) * B;
 #pragma omp simd
           for (int64_t b = 0; b < B; ++b) {
             const float i = Sigmoid(gi[b] + bi), f = Sigmoid(gf[b] + bf);
             const float g = Tanh(gg[b] + bg), o = Sigmoid(go[b] + bo);
             const float c = f * c_prev[b] + i * g;
-            gi[b] = i, gf[b] = f, gg[b] = g, go[b] = o;
+            si[b] = i, sf[b] = f, sg[b] = g, so[b] = o;
             c_row[b] = c;
             h_row[b] = o * Tanh(c);
           }
+        } else if (kind == kGru) {
+          const float* xz = px.data() + (0 * hb + u) * B;
+          const float* xr = px.data() + (1 * hb + u) * B;
+          const float* xn = px.data() + (2 * hb + u) * B;
+          const float* uz = ph.data() + (0 * hb + u) * B;
+          const float* ur = ph.data() + (1 * hb + u) * B;
+          const float* un = ph.data() + (2 * hb + u) * B;
+          float* sz = st + (0 * hb + u) * B;
+          float* sr = st + (1 * hb + u) * B;
+          float* sn = st + (2 * hb + u) * B;
+          float* shn = st + (3 * hb + u) * B;
+          const float bz = bp[r0 + u], br = bp[r0 + hb + u], bn = bp[r0 + 2 * hb + u],
+                      bhn = bp[GH + j];
+          float* hpt = h_prev_t + j * B;
+#pragma omp simd
+          for (int64_t b = 0; b < B; ++b) {
+            const float z = Sigmoid(xz[b] + bz + uz[b]), r = Sigmoid(xr[b] + br + ur[b]);
+            const float hn = un[b] + bhn;
+            const float n = Tanh(xn[b] + bn + r * hn);
+            const float h = (1.0f - z) * n + z * hpt[b];
+            sz[b] = z, sr[b] = r, sn[b] = n, shn[b] = hn;
+            h_row[b] = h;
+            hpt[b] = h;
+          }
+        } else {
+          const float* a = px.data() + u * B;
+          const float bj = bp[r0 + u];
+          if (kind == kRnnTanh) {
+#pragma omp simd
+            for (int64_t b = 0; b < B; ++b) h_row[b] = Tanh(a[b] + bj);
+          } else {
+#pragma omp simd
+            for (int64_t b = 0; b < B; ++b) h_row[b] = std::max(a[b] + bj, 0.0f);
+          }
         }
-        Transpose(h_block.data(), hb, B, B, hs + t * B * H + j0, H);
       }
-#pragma omp barrier
-    }
+      Transpose(h_new.data(), hb, B, B, hs + t * B * H + j0, H);
+    });
   }
   std::memcpy(h_t, hs + (T - 1) * B * H, sizeof(float) * B * H);
-  Transpose(cells + T * H * B, H, B, B, c_t, H);
+  if (kind == kLstm) Transpose(cells + T * H * B, H, B, B, c_t, H);
 }
 
-void LstmBackward(const Shape& s, const Blocks& blk, const float* xs, const float* h0,
-                  const float* W, const float* U, const float* hs, const float* gates,
-                  const float* cells, const float* dhs, const float* dh_t, const float* dc_t,
-                  float* dxs, float* dh0, float* dc0, float* dW, float* dU, float* dbias) {
-  const int64_t T = s.T, B = s.B, D = s.D, H = s.H, TB = T * B, G = kGates * H;
-  // U with its columns in block order, [H, 4H]: dh_{t-1}^T = U_p dgates_t.
-  float* Up = static_cast<float*>(Kept(kPackedU, sizeof(float) * H * G));
+void Backward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, const float* h0,
+              const float* W, const float* U, const float* hs, const float* saved,
+              const float* cells, const float* dhs, const float* dh_t, const float* dc_t,
+              float* dxs, float* dh0, float* dc0, float* dW, float* dU, float* dbias) {
+  const int64_t T = s.T, B = s.B, D = s.D, H = s.H, TB = T * B, G = Gates(kind), S = Saved(kind);
+  const int64_t GH = G * H;
+  const bool two = kind == kGru;  // separate input-side and recurrent-side gate gradients
+  // U with its columns in block order, [H, G*H]: dh_{t-1}^T = U_p dgates_t.
+  float* Up = static_cast<float*>(Kept(kPackedU, sizeof(float) * H * GH));
   for (int64_t k = 0; k < H; ++k)
-    for (int64_t g = 0; g < kGates; ++g)
-      for (int64_t j = 0; j < H; ++j) Up[k * G + blk.Row(g, j)] = U[k * G + g * H + j];
-  // dgates [T, 4H, B] step by step, then as rows [T*B, 4H] for the weight gradients.
-  float* dgates = static_cast<float*>(Kept(kGrads, sizeof(float) * 2 * G * TB));
-  float* drows = dgates + G * TB;
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t j = 0; j < H; ++j) Up[k * GH + blk.Row(G, g, j)] = U[k * GH + g * H + j];
+  // Gate gradients [T, G*H, B] step by step, then as rows [T*B, G*H]: the input
+  // side's (dx), and for the GRU the recurrent side's (dh) too.
+  const int64_t sets = two ? 2 : 1;
+  float* dgx = static_cast<float*>(Kept(kGrads, sizeof(float) * 2 * sets * GH * TB));
+  float* dgh = two ? dgx + GH * TB : dgx;
+  float* rows_x = dgx + sets * GH * TB;
+  float* rows_h = two ? rows_x + GH * TB : rows_x;
   float* dh_next = static_cast<float*>(Kept(kStateGrads, sizeof(float) * 2 * H * B));
   float* dc_next = dh_next + H * B;  // both [H, B]
   Transpose(dh_t, B, H, H, dh_next, B);
-  Transpose(dc_t, B, H, H, dc_next, B);
+  if (kind == kLstm) Transpose(dc_t, B, H, H, dc_next, B);
 
 #pragma omp parallel
   {
+    const int64_t most = (H + blk.n - 1) / blk.n + 1;
+    std::vector<float> dh_out(most * B), h_own(most * B);
     const int64_t nthr = omp_get_num_threads(), tid = omp_get_thread_num();
-    std::vector<float> dh_out;
     for (int64_t t = T - 1; t >= 0; --t) {
       for (int64_t k = tid; k < blk.n; k += nthr) {
-        const int64_t j0 = blk.Start(k), hb = blk.Size(k), r0 = kGates * j0;
-        const float* gt = gates + (t * G + r0) * B;
-        float* dt = dgates + (t * G + r0) * B;
-        dh_out.resize(hb * B);
+        const int64_t j0 = blk.Start(k), hb = blk.Size(k), r0 = G * j0;
+        const float* st = saved + (t * S * H + S * j0) * B;
+        float* dx = dgx + (t * GH + r0) * B;
+        float* dh = dgh + (t * GH + r0) * B;
         Transpose(dhs + t * B * H + j0, B, hb, H, dh_out.data(), B);
+        if (kind == kGru)  // h_{t-1} of these units
+          Transpose((t == 0 ? h0 : hs + (t - 1) * B * H) + j0, B, hb, H, h_own.data(), B);
+        else if (kind != kLstm)  // h_t of these units
+          Transpose(hs + t * B * H + j0, B, hb, H, h_own.data(), B);
         for (int64_t u = 0; u < hb; ++u) {
-          const float* gi = gt + (0 * hb + u) * B;
-          const float* gf = gt + (1 * hb + u) * B;
-          const float* gg = gt + (2 * hb + u) * B;
-          const float* go = gt + (3 * hb + u) * B;
-          float* di = dt + (0 * hb + u) * B;
-          float* df = dt + (1 * hb + u) * B;
-          float* dg = dt + (2 * hb + u) * B;
-          float* do_ = dt + (3 * hb + u) * B;
-          const float* c_prev = cells + (t * H + j0 + u) * B;
-          const float* c_row = cells + ((t + 1) * H + j0 + u) * B;
-          const float* dh_o = dh_out.data() + u * B;
-          float* dh_row = dh_next + (j0 + u) * B;
-          float* dc_row = dc_next + (j0 + u) * B;
+          const int64_t j = j0 + u;
+          const float* dho = dh_out.data() + u * B;
+          float* dh_row = dh_next + j * B;
+          if (kind == kLstm) {
+            const float* gi = st + (0 * hb + u) * B;
+            const float* gf = st + (1 * hb + u) * B;
+            const float* gg = st + (2 * hb + u) * B;
+            const float* go = st + (3 * hb + u) * B;
+            float* di = dx + (0 * hb + u) * B;
+            float* df = dx + (1 * hb + u) * B;
+            float* dg = dx + (2 * hb + u) * B;
+            float* do_ = dx + (3 * hb + u) * B;
+            const float* c_prev = cells + (t * H + j) * B;
+            const float* c_row = cells + ((t + 1) * H + j) * B;
+            float* dc_row = dc_next + j * B;
 #pragma omp simd
-          for (int64_t b = 0; b < B; ++b) {
-            const float i = gi[b], f = gf[b], g = gg[b], o = go[b];
-            const float tc = Tanh(c_row[b]);
-            const float dh = dh_o[b] + dh_row[b];
-            const float dc = dc_row[b] + dh * o * (1.0f - tc * tc);
-            di[b] = dc * g * i * (1.0f - i);
-            df[b] = dc * c_prev[b] * f * (1.0f - f);
-            dg[b] = dc * i * (1.0f - g * g);
-            do_[b] = dh * tc * o * (1.0f - o);
-            dc_row[b] = dc * f;
+            for (int64_t b = 0; b < B; ++b) {
+              const float i = gi[b], f = gf[b], g = gg[b], o = go[b];
+              const float tc = Tanh(c_row[b]);
+              const float d = dho[b] + dh_row[b];
+              const float dc = dc_row[b] + d * o * (1.0f - tc * tc);
+              di[b] = dc * g * i * (1.0f - i);
+              df[b] = dc * c_prev[b] * f * (1.0f - f);
+              dg[b] = dc * i * (1.0f - g * g);
+              do_[b] = d * tc * o * (1.0f - o);
+              dc_row[b] = dc * f;
+            }
+          } else if (kind == kGru) {
+            const float* sz = st + (0 * hb + u) * B;
+            const float* sr = st + (1 * hb + u) * B;
+            const float* sn = st + (2 * hb + u) * B;
+            const float* shn = st + (3 * hb + u) * B;
+            const float* hp = h_own.data() + u * B;
+            float* dxz = dx + (0 * hb + u) * B;
+            float* dxr = dx + (1 * hb + u) * B;
+            float* dxn = dx + (2 * hb + u) * B;
+            float* dhz = dh + (0 * hb + u) * B;
+            float* dhr = dh + (1 * hb + u) * B;
+            float* dhn = dh + (2 * hb + u) * B;
+#pragma omp simd
+            for (int64_t b = 0; b < B; ++b) {
+              const float z = sz[b], r = sr[b], n = sn[b];
+              const float d = dho[b] + dh_row[b];
+              const float dan = d * (1.0f - z) * (1.0f - n * n);
+              const float daz = d * (hp[b] - n) * z * (1.0f - z);
+              const float dar = dan * shn[b] * r * (1.0f - r);
+              dxz[b] = daz, dxr[b] = dar, dxn[b] = dan;
+              dhz[b] = daz, dhr[b] = dar, dhn[b] = dan * r;
+              dh_row[b] = d * z;  // the direct path; the GEMM below adds U's
+            }
+          } else {
+            const float* h = h_own.data() + u * B;
+            float* da = dx + u * B;
+            if (kind == kRnnTanh) {
+#pragma omp simd
+              for (int64_t b = 0; b < B; ++b) da[b] = (dho[b] + dh_row[b]) * (1.0f - h[b] * h[b]);
+            } else {
+#pragma omp simd
+              for (int64_t b = 0; b < B; ++b)
+                da[b] = h[b] > 0.0f ? dho[b] + dh_row[b] : 0.0f;
+            }
           }
         }
       }
 #pragma omp barrier
       for (int64_t k = tid; k < blk.n; k += nthr) {
         const int64_t j0 = blk.Start(k), hb = blk.Size(k);
-        Gemm('N', 'N', hb, B, G, Up + j0 * G, G, dgates + t * G * B, B, 0.0f, dh_next + j0 * B,
-             B);
+        Gemm('N', 'N', hb, B, GH, Up + j0 * GH, GH, dgh + t * GH * B, B, two ? 1.0f : 0.0f,
+             dh_next + j0 * B, B);
       }
       // No barrier: the next step's element-wise part reads only this thread's rows of
-      // dh_next and writes another step's block of dgates than the GEMMs read.
+      // dh_next and writes another step's gate gradients than the GEMMs read.
     }
 #pragma omp barrier
 #pragma omp for
-    for (int64_t t = 0; t < T; ++t) Transpose(dgates + t * G * B, G, B, B, drows + t * B * G, G);
+    for (int64_t t = 0; t < T; ++t) {
+      Transpose(dgx + t * GH * B, GH, B, B, rows_x + t * B * GH, GH);
+      if (two) Transpose(dgh + t * GH * B, GH, B, B, rows_h + t * B * GH, GH);
+    }
   }
   Transpose(dh_next, H, B, B, dh0, H);
-  Transpose(dc_next, H, B, B, dc0, H);
+  if (kind == kLstm) Transpose(dc_next, H, B, B, dc0, H);
 
-  // Weight gradients in block order, then back to the gate order.
-  float* dWp = static_cast<float*>(Kept(kPackedW, sizeof(float) * std::max(D, H) * G));
-  // dU_p = [h0; hs[0 .. T-2]]^T drows
-  Gemm('T', 'N', H, G, B, h0, H, drows, G, 0.0f, dWp, G);
-  Gemm('T', 'N', H, G, TB - B, hs, H, drows + B * G, G, 1.0f, dWp, G);
-  for (int64_t k = 0; k < H; ++k)
-    for (int64_t g = 0; g < kGates; ++g)
-      for (int64_t j = 0; j < H; ++j) dU[k * G + g * H + j] = dWp[k * G + blk.Row(g, j)];
-  // dW_p = xs^T drows
-  Gemm('T', 'N', D, G, TB, xs, D, drows, G, 0.0f, dWp, G);
-  for (int64_t d = 0; d < D; ++d)
-    for (int64_t g = 0; g < kGates; ++g)
-      for (int64_t j = 0; j < H; ++j) dW[d * G + g * H + j] = dWp[d * G + blk.Row(g, j)];
-  // dbias = the column sums of drows
-  float* sums = dWp;
-  std::fill(sums, sums + G, 0.0f);
+  // Weight gradients with the columns in block order, then back to the gate order.
+  float* dWp = static_cast<float*>(Kept(kPackedW, sizeof(float) * std::max(D, H) * GH));
+  // dU_p = [h0; hs[0 .. T-2]]^T rows_h
+  Gemm('T', 'N', H, GH, B, h0, H, rows_h, GH, 0.0f, dWp, GH);
+  Gemm('T', 'N', H, GH, TB - B, hs, H, rows_h + B * GH, GH, 1.0f, dWp, GH);
+  UnpackColumns(blk, G, dWp, H, dU);
+  Gemm('T', 'N', D, GH, TB, xs, D, rows_x, GH, 0.0f, dWp, GH);  // dW_p = xs^T rows_x
+  UnpackColumns(blk, G, dWp, D, dW);
+  // dbias: the column sums of rows_x (and for the GRU, b_hn's: of rows_h's n block).
+  float* sums = static_cast<float*>(Kept(kPackedBias, sizeof(float) * 2 * GH));
+  std::fill(sums, sums + 2 * GH, 0.0f);
   for (int64_t r = 0; r < TB; ++r) {
-    const float* row = drows + r * G;
+    const float* row = rows_x + r * GH;
 #pragma omp simd
-    for (int64_t c = 0; c < G; ++c) sums[c] += row[c];
+    for (int64_t c = 0; c < GH; ++c) sums[c] += row[c];
   }
-  for (int64_t g = 0; g < kGates; ++g)
-    for (int64_t j = 0; j < H; ++j) dbias[g * H + j] = sums[blk.Row(g, j)];
-  // dxs = drows W_p, with W_p [4H, D] (rows in block order)
-  float* Wp = static_cast<float*>(Kept(kPackedU, sizeof(float) * G * D));
-  PackTransposed(blk, W, D, Wp);
-  Gemm('N', 'N', TB, D, G, drows, G, Wp, D, 0.0f, dxs, D);
+  if (two)
+    for (int64_t r = 0; r < TB; ++r) {
+      const float* row = rows_h + r * GH;
+#pragma omp simd
+      for (int64_t c = 0; c < GH; ++c) sums[GH + c] += row[c];
+    }
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t j = 0; j < H; ++j) dbias[g * H + j] = sums[blk.Row(G, g, j)];
+  if (two)
+    for (int64_t j = 0; j < H; ++j) dbias[GH + j] = sums[GH + blk.Row(G, 2, j)];
+  // dxs = rows_x W_p, with W_p [G*H, D] (rows in block order)
+  float* Wp = static_cast<float*>(Kept(kPackedU, sizeof(float) * GH * D));
+  PackTransposed(blk, G, W, D, Wp);
+  Gemm('N', 'N', TB, D, GH, rows_x, GH, Wp, D, 0.0f, dxs, D);
 }
 
 float* Floats(ffi::ResultBuffer<ffi::U8>& buffer) {
   return reinterpret_cast<float*>(buffer->typed_data());
 }
 
-ffi::Error CheckShapes(const char* who, const Shape& s, int64_t kind) {
-  if (kind != 2)
-    return ffi::Error::InvalidArgument(std::string(who) +
-                                       ": only the LSTM (kind 2) is written out, got kind " +
+ffi::Error CheckArgs(const char* who, const Shape& s, int64_t kind) {
+  if (kind < kRnnTanh || kind > kGru)
+    return ffi::Error::InvalidArgument(std::string(who) + ": kind must be 0..3, got " +
                                        std::to_string(kind));
   if (s.T <= 0 || s.B <= 0 || s.H <= 0)
     return ffi::Error::InvalidArgument(std::string(who) + ": empty shapes are not supported");
   return ffi::Error::Success();
 }
 
-ffi::Error Forward(int64_t kind, int64_t training, ffi::Buffer<ffi::F32> xs,
-                   ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::F32> w,
-                   ffi::Buffer<ffi::F32> u, ffi::Buffer<ffi::F32> bias,
-                   ffi::ResultBuffer<ffi::F32> hs, ffi::ResultBuffer<ffi::F32> h_t,
-                   ffi::ResultBuffer<ffi::F32> c_t, ffi::ResultBuffer<ffi::U8> workspace) {
+ffi::Error ForwardHandler(int64_t kind, int64_t training, ffi::Buffer<ffi::F32> xs,
+                          ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0,
+                          ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> u,
+                          ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> hs,
+                          ffi::ResultBuffer<ffi::F32> h_t, ffi::ResultBuffer<ffi::F32> c_t,
+                          ffi::ResultBuffer<ffi::U8> workspace) {
   const Shape s = ShapeOf(xs, h0);
-  if (auto err = CheckShapes("bptt_fused_forward", s, kind); err.failure()) return err;
+  if (auto err = CheckArgs("bptt_fused_forward", s, kind); err.failure()) return err;
   return Guarded("bptt_fused_forward", [&]() -> ffi::Error {
     const Blocks blk{BlockCount(s.H), s.H};
-    const int64_t floats = WorkspaceFloats(s.T, s.B, s.H);
+    const int64_t floats = WorkspaceFloats(kind, s.T, s.B, s.H);
     float* base;
     if (training) {
       if (workspace->size_bytes() != static_cast<int64_t>(sizeof(float)) * floats)
@@ -356,42 +482,43 @@ ffi::Error Forward(int64_t kind, int64_t training, ffi::Buffer<ffi::F32> xs,
       base = static_cast<float*>(Kept(kInference, sizeof(float) * floats));
     }
     base[0] = static_cast<float>(blk.n);
-    float* gates = base + kHeader;
-    float* cells = gates + kGates * s.H * s.T * s.B;
-    LstmForward(s, blk, xs.typed_data(), h0.typed_data(), c0.typed_data(), w.typed_data(),
-                u.typed_data(), bias.typed_data(), hs->typed_data(), h_t->typed_data(),
-                c_t->typed_data(), gates, cells);
+    float* saved = base + kHeader;
+    float* cells = saved + Saved(kind) * s.H * s.T * s.B;
+    Forward(kind, s, blk, xs.typed_data(), h0.typed_data(), c0.typed_data(), w.typed_data(),
+            u.typed_data(), bias.typed_data(), hs->typed_data(), h_t->typed_data(),
+            c_t->typed_data(), saved, cells);
     return ffi::Error::Success();
   });
 }
 
-ffi::Error Backward(int64_t kind, ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> h0,
-                    ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> u,
-                    ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> hs,
-                    ffi::Buffer<ffi::F32> h_t, ffi::Buffer<ffi::F32> c_t,
-                    ffi::Buffer<ffi::U8> workspace, ffi::Buffer<ffi::F32> dhs,
-                    ffi::Buffer<ffi::F32> dh_t, ffi::Buffer<ffi::F32> dc_t,
-                    ffi::ResultBuffer<ffi::F32> dxs, ffi::ResultBuffer<ffi::F32> dh0,
-                    ffi::ResultBuffer<ffi::F32> dc0, ffi::ResultBuffer<ffi::F32> dw,
-                    ffi::ResultBuffer<ffi::F32> du, ffi::ResultBuffer<ffi::F32> dbias) {
+ffi::Error BackwardHandler(int64_t kind, ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> h0,
+                           ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::F32> w,
+                           ffi::Buffer<ffi::F32> u, ffi::Buffer<ffi::F32> bias,
+                           ffi::Buffer<ffi::F32> hs, ffi::Buffer<ffi::F32> h_t,
+                           ffi::Buffer<ffi::F32> c_t, ffi::Buffer<ffi::U8> workspace,
+                           ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> dh_t,
+                           ffi::Buffer<ffi::F32> dc_t, ffi::ResultBuffer<ffi::F32> dxs,
+                           ffi::ResultBuffer<ffi::F32> dh0, ffi::ResultBuffer<ffi::F32> dc0,
+                           ffi::ResultBuffer<ffi::F32> dw, ffi::ResultBuffer<ffi::F32> du,
+                           ffi::ResultBuffer<ffi::F32> dbias) {
   const Shape s = ShapeOf(xs, h0);
-  if (auto err = CheckShapes("bptt_fused_backward", s, kind); err.failure()) return err;
+  if (auto err = CheckArgs("bptt_fused_backward", s, kind); err.failure()) return err;
   return Guarded("bptt_fused_backward", [&]() -> ffi::Error {
     const float* base = reinterpret_cast<const float*>(workspace.typed_data());
     const Blocks blk{static_cast<int64_t>(base[0]), s.H};
-    const float* gates = base + kHeader;
-    const float* cells = gates + kGates * s.H * s.T * s.B;
-    LstmBackward(s, blk, xs.typed_data(), h0.typed_data(), w.typed_data(), u.typed_data(),
-                 hs.typed_data(), gates, cells, dhs.typed_data(),
-                 dh_t.typed_data(), dc_t.typed_data(), dxs->typed_data(), dh0->typed_data(),
-                 dc0->typed_data(), dw->typed_data(), du->typed_data(), dbias->typed_data());
+    const float* saved = base + kHeader;
+    const float* cells = saved + Saved(kind) * s.H * s.T * s.B;
+    Backward(kind, s, blk, xs.typed_data(), h0.typed_data(), w.typed_data(), u.typed_data(),
+             hs.typed_data(), saved, cells, dhs.typed_data(), dh_t.typed_data(),
+             dc_t.typed_data(), dxs->typed_data(), dh0->typed_data(), dc0->typed_data(),
+             dw->typed_data(), du->typed_data(), dbias->typed_data());
     return ffi::Error::Success();
   });
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BpttFusedForward, Forward,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BpttFusedForward, ForwardHandler,
                               ffi::Ffi::Bind()
                                   .Attr<int64_t>("kind")
                                   .Attr<int64_t>("training")
@@ -406,7 +533,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BpttFusedForward, Forward,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // c_T
                                   .Ret<ffi::Buffer<ffi::U8>>());  // workspace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BpttFusedBackward, Backward,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BpttFusedBackward, BackwardHandler,
                               ffi::Ffi::Bind()
                                   .Attr<int64_t>("kind")
                                   .Arg<ffi::Buffer<ffi::F32>>()  // xs
@@ -431,9 +558,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BpttFusedBackward, Backward,
 
 extern "C" {
 
-// The training workspace of the written-out LSTM in bytes.
-int64_t bptt_fused_workspace_bytes(int64_t T, int64_t B, int64_t H) {
-  return static_cast<int64_t>(sizeof(float)) * WorkspaceFloats(T, B, H);
+// The training workspace of a kind and shape in bytes.
+int64_t bptt_fused_workspace_bytes(int64_t kind, int64_t T, int64_t B, int64_t H) {
+  return static_cast<int64_t>(sizeof(float)) * WorkspaceFloats(kind, T, B, H);
 }
 
 }  // extern "C"
