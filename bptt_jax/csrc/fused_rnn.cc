@@ -39,6 +39,10 @@
 #include <string>
 #include <vector>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#endif
+
 #include "kept.h"
 #include "oneapi/dnnl/dnnl.h"
 #include "xla/ffi/api/ffi.h"
@@ -103,6 +107,40 @@ void Gemm(char ta, char tb, int64_t M, int64_t N, int64_t K, const float* A, int
   const dnnl_status_t status = dnnl_sgemm(ta, tb, M, N, K, 1.0f, A, lda, B, ldb, beta, C, ldc);
   if (status != dnnl_success)
     throw std::runtime_error("oneDNN's sgemm failed with status " + std::to_string(status));
+}
+
+// Denormal results and inputs flushed to zero in this thread while it lives, as XLA's
+// CPU computations do. Besides matching them, it keeps vanishing gradients (which
+// reach the denormal range over long sequences) off the processor's slow path.
+class FlushDenormals {
+ public:
+#if defined(__x86_64__) || defined(__i386__)
+  FlushDenormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040); }  // FTZ | DAZ
+  ~FlushDenormals() { _mm_setcsr(saved_); }
+
+ private:
+  unsigned int saved_;
+#endif
+};
+
+// C = A B (+ beta C) as in Gemm, split over the threads of a parallel region (each
+// flushing denormals) along the larger of M and N, each part one single-threaded GEMM.
+void ParallelGemm(char ta, char tb, int64_t M, int64_t N, int64_t K, const float* A,
+                  int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+#pragma omp parallel
+  {
+    FlushDenormals flush;
+    const int64_t nthr = omp_get_num_threads(), tid = omp_get_thread_num();
+    if (N >= M) {  // columns: of B (rows of B^T) and of C
+      const int64_t n0 = tid * N / nthr, n1 = (tid + 1) * N / nthr;
+      const float* b = tb == 'N' ? B + n0 : B + n0 * ldb;
+      Gemm(ta, tb, M, n1 - n0, K, A, lda, b, ldb, beta, C + n0, ldc);
+    } else {  // rows: of A (columns of A^T) and of C
+      const int64_t m0 = tid * M / nthr, m1 = (tid + 1) * M / nthr;
+      const float* a = ta == 'N' ? A + m0 * lda : A + m0;
+      Gemm(ta, tb, m1 - m0, N, K, a, lda, B, ldb, beta, C + m0 * ldc, ldc);
+    }
+  }
 }
 
 // out [cols, rows] = in [rows, cols]^T, for row-major arrays with leading dimensions.
@@ -213,6 +251,7 @@ void Forward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, c
 
 #pragma omp parallel
   {
+    FlushDenormals flush;
     const int64_t most = (H + blk.n - 1) / blk.n + 1;
     std::vector<float> px(G * most * B), ph(kind == kGru ? G * most * B : 0), h_new(most * B);
     Steps(blk, T, [&](int64_t t, int64_t j0, int64_t hb) {
@@ -316,6 +355,7 @@ void Backward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, 
 
 #pragma omp parallel
   {
+    FlushDenormals flush;
     const int64_t most = (H + blk.n - 1) / blk.n + 1;
     std::vector<float> dh_out(most * B), h_own(most * B);
     const int64_t nthr = omp_get_num_threads(), tid = omp_get_thread_num();
@@ -417,10 +457,10 @@ void Backward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, 
   // Weight gradients with the columns in block order, then back to the gate order.
   float* dWp = static_cast<float*>(Kept(kPackedW, sizeof(float) * std::max(D, H) * GH));
   // dU_p = [h0; hs[0 .. T-2]]^T rows_h
-  Gemm('T', 'N', H, GH, B, h0, H, rows_h, GH, 0.0f, dWp, GH);
-  Gemm('T', 'N', H, GH, TB - B, hs, H, rows_h + B * GH, GH, 1.0f, dWp, GH);
+  ParallelGemm('T', 'N', H, GH, B, h0, H, rows_h, GH, 0.0f, dWp, GH);
+  ParallelGemm('T', 'N', H, GH, TB - B, hs, H, rows_h + B * GH, GH, 1.0f, dWp, GH);
   UnpackColumns(blk, G, dWp, H, dU);
-  Gemm('T', 'N', D, GH, TB, xs, D, rows_x, GH, 0.0f, dWp, GH);  // dW_p = xs^T rows_x
+  ParallelGemm('T', 'N', D, GH, TB, xs, D, rows_x, GH, 0.0f, dWp, GH);  // dW_p = xs^T rows_x
   UnpackColumns(blk, G, dWp, D, dW);
   // dbias: the column sums of rows_x (and for the GRU, b_hn's: of rows_h's n block).
   float* sums = static_cast<float*>(Kept(kPackedBias, sizeof(float) * 2 * GH));
@@ -443,7 +483,7 @@ void Backward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, 
   // dxs = rows_x W_p, with W_p [G*H, D] (rows in block order)
   float* Wp = static_cast<float*>(Kept(kPackedU, sizeof(float) * GH * D));
   PackTransposed(blk, G, W, D, Wp);
-  Gemm('N', 'N', TB, D, GH, rows_x, GH, Wp, D, 0.0f, dxs, D);
+  ParallelGemm('N', 'N', TB, D, GH, rows_x, GH, Wp, D, 0.0f, dxs, D);
 }
 
 float* Floats(ffi::ResultBuffer<ffi::U8>& buffer) {
