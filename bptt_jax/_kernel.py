@@ -1,14 +1,18 @@
-"""CPU kernels: oneDNN's whole-sequence RNN, LSTM and GRU, called from XLA:CPU.
+"""CPU kernels: whole-sequence RNN, LSTM and GRU in C++, called from XLA:CPU.
 
 XLA:CPU runs ``lax.scan`` one step at a time, with a fixed cost per iteration
-and per kernel. oneDNN's RNN primitives (``vanilla_rnn``, ``lstm``,
-``lbr_gru``) run the whole sequence as one call: forward keeping a workspace,
-and backward from it. This module builds a small C++ extension
-(``csrc/onednn_rnn.cc``) that exposes them as XLA FFI handlers, tied by a
-``jax.custom_vjp``. They are the kernel family ``"rnn"``, off by default: with
-the oneDNN on the package registry (3.2) they measured no faster than the
-pure-JAX fused path overall (README, Performance); ``use_kernels(True)`` turns
-them on.
+and per kernel. This module builds a small C++ extension with two families of
+kernels that run the whole sequence as one call, forward keeping a workspace
+and backward from it, as XLA FFI handlers tied by a ``jax.custom_vjp``:
+
+- ``"fused"`` (``csrc/fused_rnn.cc``): written out here, one GEMM per step
+  and thread with the gates as its rows, the gate nonlinearities in place;
+- ``"rnn"`` (``csrc/onednn_rnn.cc``): oneDNN's RNN primitives
+  (``vanilla_rnn``, ``lstm``, ``lbr_gru``).
+
+Both are off by default: neither measured faster than the pure-JAX fused path
+across cells and sizes (README, Performance); ``use_kernels(True)`` turns them
+on (``"fused"`` runs where both apply).
 
 The extension is compiled on first use (or by ``make``) with the system C++
 compiler against the oneDNN that the ``kernels`` extra installs
@@ -64,7 +68,8 @@ class KernelStatus(NamedTuple):
 
   Attributes:
     active: whether the extension is loaded and at least one family is on.
-    enabled: the families on: ``("rnn",)`` (oneDNN's RNN, LSTM and GRU) or ``()``.
+    enabled: the families on: ``"fused"`` (the written-out kernels), ``"rnn"``
+      (oneDNN's RNN primitives), both or ``()``.
     reason: why, in words.
     library: the compiled extension's path, or ``None``.
     onednn_version: e.g. ``"3.2.0"``, or ``None``.
@@ -117,8 +122,9 @@ class use_kernels:  # noqa: N801 (a function that is also a context manager)
   """Chooses the CPU kernels; as a context manager, restores the choice on exit.
 
   ``use_kernels(True)`` turns every family on, ``use_kernels(False)`` every
-  one off, ``use_kernels("rnn")`` (or a list of names) exactly those; the one
-  family so far is ``"rnn"``, oneDNN's RNN, LSTM and GRU. Without a call,
+  one off, ``use_kernels("fused")`` (or a list of names) exactly those:
+  ``"fused"``, the written-out RNN, LSTM and GRU kernels, and ``"rnn"``,
+  oneDNN's RNN primitives. Without a call,
   ``$BPTT_JAX_KERNELS`` decides (``0``, ``all`` or a comma-separated list of
   names), else the default: off. The setting is read when a function is
   traced: a function jitted before the change keeps the path it was compiled
