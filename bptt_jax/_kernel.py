@@ -308,7 +308,7 @@ def usable(name: str, params, xs, carry, mask) -> bool:
 
 
 def sequence(name: str, params, xs: Array, carry):
-  """``(carry at T, hs)`` of a built-in cell over time-major ``xs`` ``[T, B, D]`` by oneDNN.
+  """``(carry at T, hs)`` of a built-in cell over time-major ``xs`` ``[T, B, D]`` by a kernel.
 
   Only call where :func:`usable` is true. The GRU's gate blocks go from
   ``(r, z, n)`` to oneDNN's ``(z, r, n)`` and its bias gains ``b_hn`` as a
@@ -387,7 +387,7 @@ def _backward(config, residuals, cotangents):
 
 def _no_second_derivative(*args):
   raise TypeError(
-      "second derivatives through the oneDNN sequence kernel are not available: use "
+      "second derivatives through the CPU sequence kernels are not available: use "
       "bptt_jax.unroll(..., fused=False) (autodiff through lax.scan), or turn the kernels "
       "off with bptt_jax.use_kernels(False)")
 
