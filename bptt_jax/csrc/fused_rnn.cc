@@ -44,6 +44,7 @@
 #endif
 
 #include "kept.h"
+#include "rnn_calls.h"
 #include "oneapi/dnnl/dnnl.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -558,43 +559,8 @@ ffi::Error BackwardHandler(int64_t kind, ffi::Buffer<ffi::F32> xs, ffi::Buffer<f
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BpttFusedForward, ForwardHandler,
-                              ffi::Ffi::Bind()
-                                  .Attr<int64_t>("kind")
-                                  .Attr<int64_t>("training")
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // xs
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // h0
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // c0
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // W
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // U
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // hs
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // h_T
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // c_T
-                                  .Ret<ffi::Buffer<ffi::U8>>());  // workspace
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BpttFusedBackward, BackwardHandler,
-                              ffi::Ffi::Bind()
-                                  .Attr<int64_t>("kind")
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // xs
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // h0
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // c0
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // W
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // U
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // hs
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // h_T
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // c_T
-                                  .Arg<ffi::Buffer<ffi::U8>>()   // workspace
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // dhs
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // dh_T
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // dc_T
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dxs
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dh0
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dc0
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dW
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dU
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // dbias
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BpttFusedForward, ForwardHandler, ForwardBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BpttFusedBackward, BackwardHandler, BackwardBinding());
 
 extern "C" {
 

@@ -1,0 +1,64 @@
+// The two XLA FFI calls that each family of whole-sequence kernels implements:
+//
+//   forward(xs, h0, c0, W, U, bias; kind, training) -> (hs, h_T, c_T, workspace)
+//   backward(xs, h0, c0, W, U, bias, hs, h_T, c_T, workspace, dhs, dh_T, dc_T; kind)
+//       -> (dxs, dh0, dc0, dW, dU, dbias)
+//
+// Every array is float32 (the workspace bytes) in the layouts that
+// bptt_jax/_kernel.py passes: time-major sequences [T, B, C], states [B, H],
+// W [D, G*H], U [H, G*H], bias [G'*H], the gate blocks in oneDNN's order.
+
+#ifndef BPTT_JAX_CSRC_RNN_CALLS_H_
+#define BPTT_JAX_CSRC_RNN_CALLS_H_
+
+#include <cstdint>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace {
+
+inline auto ForwardBinding() {
+  namespace ffi = xla::ffi;
+  return ffi::Ffi::Bind()
+      .Attr<int64_t>("kind")
+      .Attr<int64_t>("training")
+      .Arg<ffi::Buffer<ffi::F32>>()   // xs
+      .Arg<ffi::Buffer<ffi::F32>>()   // h0
+      .Arg<ffi::Buffer<ffi::F32>>()   // c0
+      .Arg<ffi::Buffer<ffi::F32>>()   // W
+      .Arg<ffi::Buffer<ffi::F32>>()   // U
+      .Arg<ffi::Buffer<ffi::F32>>()   // bias
+      .Ret<ffi::Buffer<ffi::F32>>()   // hs
+      .Ret<ffi::Buffer<ffi::F32>>()   // h_T
+      .Ret<ffi::Buffer<ffi::F32>>()   // c_T
+      .Ret<ffi::Buffer<ffi::U8>>();   // workspace
+}
+
+inline auto BackwardBinding() {
+  namespace ffi = xla::ffi;
+  return ffi::Ffi::Bind()
+      .Attr<int64_t>("kind")
+      .Arg<ffi::Buffer<ffi::F32>>()   // xs
+      .Arg<ffi::Buffer<ffi::F32>>()   // h0
+      .Arg<ffi::Buffer<ffi::F32>>()   // c0
+      .Arg<ffi::Buffer<ffi::F32>>()   // W
+      .Arg<ffi::Buffer<ffi::F32>>()   // U
+      .Arg<ffi::Buffer<ffi::F32>>()   // bias
+      .Arg<ffi::Buffer<ffi::F32>>()   // hs
+      .Arg<ffi::Buffer<ffi::F32>>()   // h_T
+      .Arg<ffi::Buffer<ffi::F32>>()   // c_T
+      .Arg<ffi::Buffer<ffi::U8>>()    // workspace
+      .Arg<ffi::Buffer<ffi::F32>>()   // dhs
+      .Arg<ffi::Buffer<ffi::F32>>()   // dh_T
+      .Arg<ffi::Buffer<ffi::F32>>()   // dc_T
+      .Ret<ffi::Buffer<ffi::F32>>()   // dxs
+      .Ret<ffi::Buffer<ffi::F32>>()   // dh0
+      .Ret<ffi::Buffer<ffi::F32>>()   // dc0
+      .Ret<ffi::Buffer<ffi::F32>>()   // dW
+      .Ret<ffi::Buffer<ffi::F32>>()   // dU
+      .Ret<ffi::Buffer<ffi::F32>>();  // dbias
+}
+
+}  // namespace
+
+#endif  // BPTT_JAX_CSRC_RNN_CALLS_H_
