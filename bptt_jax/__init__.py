@@ -15,8 +15,8 @@ from bptt_jax._cells import as_cell as as_cell
 from bptt_jax._cells import gru as gru
 from bptt_jax._cells import irnn as irnn
 from bptt_jax._cells import lstm as lstm
-from bptt_jax._cells import rnn as rnn
 from bptt_jax._cells import residual_block as residual_block
+from bptt_jax._cells import rnn as rnn
 from bptt_jax._cells import stack as stack
 from bptt_jax._checkpoint import CheckpointError as CheckpointError
 from bptt_jax._checkpoint import load as load_checkpoint

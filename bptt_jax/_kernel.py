@@ -189,8 +189,9 @@ def _build() -> tuple[Path | None, str]:
   compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
   if compiler is None:
     return None, "no C++ compiler (g++ or $CXX) to build the oneDNN kernels"
-  flags = ["-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC", "-fopenmp",
-           f"-I{jax.ffi.include_dir()}", f"-I{include}", f"-L{lib}", f"-Wl,-rpath,{lib}"]
+  flags = ["-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-std=c++17",
+           "-shared", "-fPIC", "-fopenmp", f"-I{jax.ffi.include_dir()}", f"-I{include}",
+           f"-L{lib}", f"-Wl,-rpath,{lib}"]
   digest = hashlib.sha256()
   for part in (*(s.read_bytes() for s in _SOURCES + _HEADERS), compiler.encode(),
                " ".join(flags).encode(), _cpu_flags().encode(), jax.__version__.encode(),

@@ -166,7 +166,7 @@ def test_sequential_chunks_equal_python_loop(name, size, dtype, monkeypatch):
   cell, step, params, xs, carry = _setup(name, dtype, seed=4)
   lengths = np.array([9, 6, 1])
   for reverse, unroll in ((False, 1), (True, 3)):
-    final, hs = jax.jit(lambda p, x, c: bj.unroll(  # noqa: B023
+    final, hs = jax.jit(lambda p, x, c, reverse=reverse, unroll=unroll: bj.unroll(
         cell, p, x, lengths=lengths, carry=c, reverse=reverse, unroll=unroll,
         method="sequential"))(params, xs, carry)
     ref_final, ref_hs = loop_unroll(step, params, xs, carry, H, lengths=lengths,

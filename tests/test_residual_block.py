@@ -9,8 +9,6 @@ import numpy as np
 import pytest
 from cell_reference import (
   DTYPES,
-  F32,
-  F64,
   GRAD_TOL,
   VALUE_TOL,
   assert_grads_close,
@@ -84,7 +82,7 @@ def test_values_equal_python_loop_on_every_path(dtype):
     ref_final, ref_hs = loop_unroll(step, params, xs, carry, H, lengths=LENGTHS,
                                     reverse=reverse)
     for kwargs in ({}, {"fused": False}, {"remat": 2}):
-      final, hs = jax.jit(lambda p, x, c, kw=kwargs: bj.unroll(  # noqa: B023
+      final, hs = jax.jit(lambda p, x, c, kw=kwargs, reverse=reverse: bj.unroll(
           cell, p, x, lengths=LENGTHS, carry=c, reverse=reverse, **kw))(params, xs, carry)
       np.testing.assert_allclose(hs, ref_hs, **VALUE_TOL[dtype])
       for got, want in zip(final, ref_final):
