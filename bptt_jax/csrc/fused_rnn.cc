@@ -187,27 +187,41 @@ int64_t BlockCount(int64_t H) {
   return std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), H / 8));
 }
 
-int64_t WorkspaceFloats(int64_t kind, int64_t T, int64_t B, int64_t H) {
-  // saved rows [T, S*H, B]; the LSTM's cell states [T+1, H, B]
-  return kHeader + Saved(kind) * H * T * B + (kind == kLstm ? H * (T + 1) * B : 0);
+// The leading dimension of a row of n floats in the kernels' own arrays: a multiple of
+// 16 floats (64 bytes) that is an odd multiple of 16, so that the rows of a matrix
+// spread over the cache sets. With a power of two (a row of 1024 floats, 4 KiB) every
+// row maps to the same few sets and a large GEMM reading such a matrix runs at half
+// its speed.
+int64_t Ld(int64_t n) {
+  const int64_t m = (n + 15) / 16 * 16;
+  return (m / 16) % 2 == 1 ? m : m + 16;
 }
 
-// W [D, G*H] -> Wp [G*H, D] with the rows in block order (U alike).
-void PackTransposed(const Blocks& blk, int64_t G, const float* W, int64_t D, float* Wp) {
+int64_t WorkspaceFloats(int64_t kind, int64_t T, int64_t B, int64_t H) {
+  // saved rows [S*H, Ld(T*B)]; the LSTM's cell states [T+1, H, B]
+  return kHeader + Saved(kind) * H * Ld(T * B) + (kind == kLstm ? H * (T + 1) * B : 0);
+}
+
+// W [D, G*H] -> Wp [G*H, ld] with the rows in block order (U alike).
+void PackTransposed(const Blocks& blk, int64_t G, const float* W, int64_t D, float* Wp,
+                    int64_t ld) {
   const int64_t H = blk.H;
   for (int64_t g = 0; g < G; ++g)
     for (int64_t j = 0; j < H; ++j) {
-      float* row = Wp + blk.Row(G, g, j) * D;
+      float* row = Wp + blk.Row(G, g, j) * ld;
       for (int64_t d = 0; d < D; ++d) row[d] = W[d * G * H + g * H + j];
     }
 }
 
-// Wp [K, G*H] (columns in block order) -> W [K, G*H] (columns in gate order).
-void UnpackColumns(const Blocks& blk, int64_t G, const float* Wp, int64_t K, float* W) {
+// Wt [G*H, ld] (rows in block order, K columns) -> W [K, G*H] (columns in gate order).
+void UnpackTransposed(const Blocks& blk, int64_t G, const float* Wt, int64_t ld, int64_t K,
+                      float* W) {
   const int64_t H = blk.H;
-  for (int64_t k = 0; k < K; ++k)
-    for (int64_t g = 0; g < G; ++g)
-      for (int64_t j = 0; j < H; ++j) W[k * G * H + g * H + j] = Wp[k * G * H + blk.Row(G, g, j)];
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t j = 0; j < H; ++j) {
+      const float* row = Wt + blk.Row(G, g, j) * ld;
+      for (int64_t k = 0; k < K; ++k) W[k * G * H + g * H + j] = row[k];
+    }
 }
 
 struct Shape {
@@ -230,18 +244,23 @@ void Steps(const Blocks& blk, int64_t T, Step step) {
   }
 }
 
+// Gates, saved rows and gate gradients over the whole sequence are kept as [rows,
+// Ld(T*B)]: a row per (gate, unit) in block order, step t's batch in columns t*B ..
+// t*B + B - 1. A step reads and writes a column block; the products over all steps
+// (the input projection, the weight gradients) are single GEMMs over K = T*B.
+
 void Forward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, const float* h0,
              const float* c0, const float* W, const float* U, const float* bias, float* hs,
              float* h_t, float* c_t, float* saved, float* cells) {
   const int64_t T = s.T, B = s.B, D = s.D, H = s.H, G = Gates(kind), S = Saved(kind);
-  const int64_t GH = G * H;
-  float* Wp = static_cast<float*>(Kept(kPackedW, sizeof(float) * GH * D));
-  float* Up = static_cast<float*>(Kept(kPackedU, sizeof(float) * GH * H));
+  const int64_t GH = G * H, TB = T * B, ldt = Ld(TB), ldd = Ld(D), ldh = Ld(H);
+  float* Wp = static_cast<float*>(Kept(kPackedW, sizeof(float) * GH * ldd));
+  float* Up = static_cast<float*>(Kept(kPackedU, sizeof(float) * GH * ldh));
   float* bp = static_cast<float*>(Kept(kPackedBias, sizeof(float) * (GH + H)));
   // For the GRU, the previous hidden state of every unit, [H, B].
   float* h_prev_t = static_cast<float*>(Kept(kStateGrads, sizeof(float) * H * B));
-  PackTransposed(blk, G, W, D, Wp);
-  PackTransposed(blk, G, U, H, Up);
+  PackTransposed(blk, G, W, D, Wp, ldd);
+  PackTransposed(blk, G, U, H, Up, ldh);
   for (int64_t g = 0; g < G; ++g)
     for (int64_t j = 0; j < H; ++j) bp[blk.Row(G, g, j)] = bias[g * H + j];
   if (kind == kGru) {
@@ -249,31 +268,33 @@ void Forward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, c
     Transpose(h0, B, H, H, h_prev_t, B);
   }
   if (kind == kLstm) Transpose(c0, B, H, H, cells, B);
+  // The input side of every step's gates, W_p xs^T [G*H, T*B], in one GEMM. The LSTM's
+  // go straight into the saved rows, where its activations then replace them.
+  float* gates = kind == kLstm ? saved : static_cast<float*>(Kept(kGrads, sizeof(float) * GH * ldt));
+  ParallelGemm('N', 'T', GH, TB, D, Wp, ldd, xs, D, 0.0f, gates, ldt);
 
 #pragma omp parallel
   {
     FlushDenormals flush;
     const int64_t most = (H + blk.n - 1) / blk.n + 1;
-    std::vector<float> px(G * most * B), ph(kind == kGru ? G * most * B : 0), h_new(most * B);
+    std::vector<float> ph(kind == kGru ? G * most * B : 0), h_new(most * B);
     Steps(blk, T, [&](int64_t t, int64_t j0, int64_t hb) {
       const int64_t r0 = G * j0;
       const float* h_prev = t == 0 ? h0 : hs + (t - 1) * B * H;
-      Gemm('N', 'T', G * hb, B, D, Wp + r0 * D, D, xs + t * B * D, D, 0.0f, px.data(), B);
-      float* hp = kind == kGru ? ph.data() : px.data();
-      Gemm('N', 'T', G * hb, B, H, Up + r0 * H, H, h_prev, H, kind == kGru ? 0.0f : 1.0f, hp, B);
-      float* st = saved + (t * S * H + S * j0) * B;  // this block's saved rows at step t
+      float* gt = gates + r0 * ldt + t * B;  // this block's gates at step t
+      if (kind == kGru)  // the recurrent side apart: the reset gate scales its n block
+        Gemm('N', 'T', G * hb, B, H, Up + r0 * ldh, ldh, h_prev, H, 0.0f, ph.data(), B);
+      else
+        Gemm('N', 'T', G * hb, B, H, Up + r0 * ldh, ldh, h_prev, H, 1.0f, gt, ldt);
+      float* st = saved + S * j0 * ldt + t * B;  // this block's saved rows at step t
       for (int64_t u = 0; u < hb; ++u) {
         const int64_t j = j0 + u;
         float* h_row = h_new.data() + u * B;
-        if (kind == kLstm) {
-          const float* gi = px.data() + (0 * hb + u) * B;
-          const float* gf = px.data() + (1 * hb + u) * B;
-          const float* gg = px.data() + (2 * hb + u) * B;
-          const float* go = px.data() + (3 * hb + u) * B;
-          float* si = st + (0 * hb + u) * B;
-          float* sf = st + (1 * hb + u) * B;
-          float* sg = st + (2 * hb + u) * B;
-          float* so = st + (3 * hb + u) * B;
+        if (kind == kLstm) {  // st == gt: the activations overwrite the pre-activations
+          float* gi = gt + (0 * hb + u) * ldt;
+          float* gf = gt + (1 * hb + u) * ldt;
+          float* gg = gt + (2 * hb + u) * ldt;
+          float* go = gt + (3 * hb + u) * ldt;
           const float bi = bp[r0 + u], bf = bp[r0 + hb + u], bg = bp[r0 + 2 * hb + u],
                       bo = bp[r0 + 3 * hb + u];
           const float* c_prev = cells + (t * H + j) * B;
@@ -283,21 +304,21 @@ void Forward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, c
             const float i = Sigmoid(gi[b] + bi), f = Sigmoid(gf[b] + bf);
             const float g = Tanh(gg[b] + bg), o = Sigmoid(go[b] + bo);
             const float c = f * c_prev[b] + i * g;
-            si[b] = i, sf[b] = f, sg[b] = g, so[b] = o;
+            gi[b] = i, gf[b] = f, gg[b] = g, go[b] = o;
             c_row[b] = c;
             h_row[b] = o * Tanh(c);
           }
         } else if (kind == kGru) {
-          const float* xz = px.data() + (0 * hb + u) * B;
-          const float* xr = px.data() + (1 * hb + u) * B;
-          const float* xn = px.data() + (2 * hb + u) * B;
+          const float* xz = gt + (0 * hb + u) * ldt;
+          const float* xr = gt + (1 * hb + u) * ldt;
+          const float* xn = gt + (2 * hb + u) * ldt;
           const float* uz = ph.data() + (0 * hb + u) * B;
           const float* ur = ph.data() + (1 * hb + u) * B;
           const float* un = ph.data() + (2 * hb + u) * B;
-          float* sz = st + (0 * hb + u) * B;
-          float* sr = st + (1 * hb + u) * B;
-          float* sn = st + (2 * hb + u) * B;
-          float* shn = st + (3 * hb + u) * B;
+          float* sz = st + (0 * hb + u) * ldt;
+          float* sr = st + (1 * hb + u) * ldt;
+          float* sn = st + (2 * hb + u) * ldt;
+          float* shn = st + (3 * hb + u) * ldt;
           const float bz = bp[r0 + u], br = bp[r0 + hb + u], bn = bp[r0 + 2 * hb + u],
                       bhn = bp[GH + j];
           float* hpt = h_prev_t + j * B;
@@ -312,7 +333,7 @@ void Forward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, c
             hpt[b] = h;
           }
         } else {
-          const float* a = px.data() + u * B;
+          const float* a = gt + u * ldt;
           const float bj = bp[r0 + u];
           if (kind == kRnnTanh) {
 #pragma omp simd
@@ -335,20 +356,17 @@ void Backward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, 
               const float* cells, const float* dhs, const float* dh_t, const float* dc_t,
               float* dxs, float* dh0, float* dc0, float* dW, float* dU, float* dbias) {
   const int64_t T = s.T, B = s.B, D = s.D, H = s.H, TB = T * B, G = Gates(kind), S = Saved(kind);
-  const int64_t GH = G * H;
+  const int64_t GH = G * H, ldt = Ld(TB), ldg = Ld(GH), ldd = Ld(D), ldh = Ld(H);
   const bool two = kind == kGru;  // separate input-side and recurrent-side gate gradients
   // U with its columns in block order, [H, G*H]: dh_{t-1}^T = U_p dgates_t.
-  float* Up = static_cast<float*>(Kept(kPackedU, sizeof(float) * H * GH));
+  float* Up = static_cast<float*>(Kept(kPackedU, sizeof(float) * H * ldg));
   for (int64_t k = 0; k < H; ++k)
     for (int64_t g = 0; g < G; ++g)
-      for (int64_t j = 0; j < H; ++j) Up[k * GH + blk.Row(G, g, j)] = U[k * GH + g * H + j];
-  // Gate gradients [T, G*H, B] step by step, then as rows [T*B, G*H]: the input
-  // side's (dx), and for the GRU the recurrent side's (dh) too.
-  const int64_t sets = two ? 2 : 1;
-  float* dgx = static_cast<float*>(Kept(kGrads, sizeof(float) * 2 * sets * GH * TB));
-  float* dgh = two ? dgx + GH * TB : dgx;
-  float* rows_x = dgx + sets * GH * TB;
-  float* rows_h = two ? rows_x + GH * TB : rows_x;
+      for (int64_t j = 0; j < H; ++j) Up[k * ldg + blk.Row(G, g, j)] = U[k * GH + g * H + j];
+  // Gate gradients [G*H, T*B]: the input side's (dx), and for the GRU the recurrent
+  // side's (dh) too.
+  float* dgx = static_cast<float*>(Kept(kGrads, sizeof(float) * (two ? 2 : 1) * GH * ldt));
+  float* dgh = two ? dgx + GH * ldt : dgx;
   float* dh_next = static_cast<float*>(Kept(kStateGrads, sizeof(float) * 2 * H * B));
   float* dc_next = dh_next + H * B;  // both [H, B]
   Transpose(dh_t, B, H, H, dh_next, B);
@@ -363,9 +381,9 @@ void Backward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, 
     for (int64_t t = T - 1; t >= 0; --t) {
       for (int64_t k = tid; k < blk.n; k += nthr) {
         const int64_t j0 = blk.Start(k), hb = blk.Size(k), r0 = G * j0;
-        const float* st = saved + (t * S * H + S * j0) * B;
-        float* dx = dgx + (t * GH + r0) * B;
-        float* dh = dgh + (t * GH + r0) * B;
+        const float* st = saved + S * j0 * ldt + t * B;
+        float* dx = dgx + r0 * ldt + t * B;
+        float* dh = dgh + r0 * ldt + t * B;
         Transpose(dhs + t * B * H + j0, B, hb, H, dh_out.data(), B);
         if (kind == kGru)  // h_{t-1} of these units
           Transpose((t == 0 ? h0 : hs + (t - 1) * B * H) + j0, B, hb, H, h_own.data(), B);
@@ -376,14 +394,14 @@ void Backward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, 
           const float* dho = dh_out.data() + u * B;
           float* dh_row = dh_next + j * B;
           if (kind == kLstm) {
-            const float* gi = st + (0 * hb + u) * B;
-            const float* gf = st + (1 * hb + u) * B;
-            const float* gg = st + (2 * hb + u) * B;
-            const float* go = st + (3 * hb + u) * B;
-            float* di = dx + (0 * hb + u) * B;
-            float* df = dx + (1 * hb + u) * B;
-            float* dg = dx + (2 * hb + u) * B;
-            float* do_ = dx + (3 * hb + u) * B;
+            const float* gi = st + (0 * hb + u) * ldt;
+            const float* gf = st + (1 * hb + u) * ldt;
+            const float* gg = st + (2 * hb + u) * ldt;
+            const float* go = st + (3 * hb + u) * ldt;
+            float* di = dx + (0 * hb + u) * ldt;
+            float* df = dx + (1 * hb + u) * ldt;
+            float* dg = dx + (2 * hb + u) * ldt;
+            float* do_ = dx + (3 * hb + u) * ldt;
             const float* c_prev = cells + (t * H + j) * B;
             const float* c_row = cells + ((t + 1) * H + j) * B;
             float* dc_row = dc_next + j * B;
@@ -400,17 +418,17 @@ void Backward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, 
               dc_row[b] = dc * f;
             }
           } else if (kind == kGru) {
-            const float* sz = st + (0 * hb + u) * B;
-            const float* sr = st + (1 * hb + u) * B;
-            const float* sn = st + (2 * hb + u) * B;
-            const float* shn = st + (3 * hb + u) * B;
+            const float* sz = st + (0 * hb + u) * ldt;
+            const float* sr = st + (1 * hb + u) * ldt;
+            const float* sn = st + (2 * hb + u) * ldt;
+            const float* shn = st + (3 * hb + u) * ldt;
             const float* hp = h_own.data() + u * B;
-            float* dxz = dx + (0 * hb + u) * B;
-            float* dxr = dx + (1 * hb + u) * B;
-            float* dxn = dx + (2 * hb + u) * B;
-            float* dhz = dh + (0 * hb + u) * B;
-            float* dhr = dh + (1 * hb + u) * B;
-            float* dhn = dh + (2 * hb + u) * B;
+            float* dxz = dx + (0 * hb + u) * ldt;
+            float* dxr = dx + (1 * hb + u) * ldt;
+            float* dxn = dx + (2 * hb + u) * ldt;
+            float* dhz = dh + (0 * hb + u) * ldt;
+            float* dhr = dh + (1 * hb + u) * ldt;
+            float* dhn = dh + (2 * hb + u) * ldt;
 #pragma omp simd
             for (int64_t b = 0; b < B; ++b) {
               const float z = sz[b], r = sr[b], n = sn[b];
@@ -424,7 +442,7 @@ void Backward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, 
             }
           } else {
             const float* h = h_own.data() + u * B;
-            float* da = dx + u * B;
+            float* da = dx + u * ldt;
             if (kind == kRnnTanh) {
 #pragma omp simd
               for (int64_t b = 0; b < B; ++b) da[b] = (dho[b] + dh_row[b]) * (1.0f - h[b] * h[b]);
@@ -439,52 +457,42 @@ void Backward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, 
 #pragma omp barrier
       for (int64_t k = tid; k < blk.n; k += nthr) {
         const int64_t j0 = blk.Start(k), hb = blk.Size(k);
-        Gemm('N', 'N', hb, B, GH, Up + j0 * GH, GH, dgh + t * GH * B, B, two ? 1.0f : 0.0f,
+        Gemm('N', 'N', hb, B, GH, Up + j0 * ldg, ldg, dgh + t * B, ldt, two ? 1.0f : 0.0f,
              dh_next + j0 * B, B);
       }
       // No barrier: the next step's element-wise part reads only this thread's rows of
       // dh_next and writes another step's gate gradients than the GEMMs read.
     }
-#pragma omp barrier
-#pragma omp for
-    for (int64_t t = 0; t < T; ++t) {
-      Transpose(dgx + t * GH * B, GH, B, B, rows_x + t * B * GH, GH);
-      if (two) Transpose(dgh + t * GH * B, GH, B, B, rows_h + t * B * GH, GH);
-    }
   }
   Transpose(dh_next, H, B, B, dh0, H);
   if (kind == kLstm) Transpose(dc_next, H, B, B, dc0, H);
 
-  // Weight gradients with the columns in block order, then back to the gate order.
-  float* dWp = static_cast<float*>(Kept(kPackedW, sizeof(float) * std::max(D, H) * GH));
-  // dU_p = [h0; hs[0 .. T-2]]^T rows_h
-  ParallelGemm('T', 'N', H, GH, B, h0, H, rows_h, GH, 0.0f, dWp, GH);
-  ParallelGemm('T', 'N', H, GH, TB - B, hs, H, rows_h + B * GH, GH, 1.0f, dWp, GH);
-  UnpackColumns(blk, G, dWp, H, dU);
-  ParallelGemm('T', 'N', D, GH, TB, xs, D, rows_x, GH, 0.0f, dWp, GH);  // dW_p = xs^T rows_x
-  UnpackColumns(blk, G, dWp, D, dW);
-  // dbias: the column sums of rows_x (and for the GRU, b_hn's: of rows_h's n block).
+  // Weight gradients transposed, rows in block order, then back to [K, G*H] in gate order.
+  float* dWt = static_cast<float*>(Kept(kPackedW, sizeof(float) * GH * std::max(ldd, ldh)));
+  // dU_p^T = dgh [h0; hs[0 .. T-2]]
+  ParallelGemm('N', 'N', GH, H, B, dgh, ldt, h0, H, 0.0f, dWt, ldh);
+  ParallelGemm('N', 'N', GH, H, TB - B, dgh + B, ldt, hs, H, 1.0f, dWt, ldh);
+  UnpackTransposed(blk, G, dWt, ldh, H, dU);
+  ParallelGemm('N', 'N', GH, D, TB, dgx, ldt, xs, D, 0.0f, dWt, ldd);  // dW_p^T = dgx xs
+  UnpackTransposed(blk, G, dWt, ldd, D, dW);
+  // dbias: the row sums of dgx (and for the GRU, b_hn's: of dgh's n rows).
   float* sums = static_cast<float*>(Kept(kPackedBias, sizeof(float) * 2 * GH));
-  std::fill(sums, sums + 2 * GH, 0.0f);
-  for (int64_t r = 0; r < TB; ++r) {
-    const float* row = rows_x + r * GH;
-#pragma omp simd
-    for (int64_t c = 0; c < GH; ++c) sums[c] += row[c];
+#pragma omp parallel for
+  for (int64_t r = 0; r < (two ? 2 : 1) * GH; ++r) {
+    const float* row = (r < GH ? dgx + r * ldt : dgh + (r - GH) * ldt);
+    float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+    for (int64_t c = 0; c < TB; ++c) total += row[c];
+    sums[r] = total;
   }
-  if (two)
-    for (int64_t r = 0; r < TB; ++r) {
-      const float* row = rows_h + r * GH;
-#pragma omp simd
-      for (int64_t c = 0; c < GH; ++c) sums[GH + c] += row[c];
-    }
   for (int64_t g = 0; g < G; ++g)
     for (int64_t j = 0; j < H; ++j) dbias[g * H + j] = sums[blk.Row(G, g, j)];
   if (two)
     for (int64_t j = 0; j < H; ++j) dbias[GH + j] = sums[GH + blk.Row(G, 2, j)];
-  // dxs = rows_x W_p, with W_p [G*H, D] (rows in block order)
-  float* Wp = static_cast<float*>(Kept(kPackedU, sizeof(float) * GH * D));
-  PackTransposed(blk, G, W, D, Wp);
-  ParallelGemm('N', 'N', TB, D, GH, rows_x, GH, Wp, D, 0.0f, dxs, D);
+  // dxs = dgx^T W_p, with W_p [G*H, D] (rows in block order)
+  float* Wp = static_cast<float*>(Kept(kPackedU, sizeof(float) * GH * ldd));
+  PackTransposed(blk, G, W, D, Wp, ldd);
+  ParallelGemm('T', 'N', TB, D, GH, dgx, ldt, Wp, ldd, 0.0f, dxs, D);
 }
 
 float* Floats(ffi::ResultBuffer<ffi::U8>& buffer) {
@@ -524,7 +532,7 @@ ffi::Error ForwardHandler(int64_t kind, int64_t training, ffi::Buffer<ffi::F32> 
     }
     base[0] = static_cast<float>(blk.n);
     float* saved = base + kHeader;
-    float* cells = saved + Saved(kind) * s.H * s.T * s.B;
+    float* cells = saved + Saved(kind) * s.H * Ld(s.T * s.B);
     Forward(kind, s, blk, xs.typed_data(), h0.typed_data(), c0.typed_data(), w.typed_data(),
             u.typed_data(), bias.typed_data(), hs->typed_data(), h_t->typed_data(),
             c_t->typed_data(), saved, cells);
@@ -548,7 +556,7 @@ ffi::Error BackwardHandler(int64_t kind, ffi::Buffer<ffi::F32> xs, ffi::Buffer<f
     const float* base = reinterpret_cast<const float*>(workspace.typed_data());
     const Blocks blk{static_cast<int64_t>(base[0]), s.H};
     const float* saved = base + kHeader;
-    const float* cells = saved + Saved(kind) * s.H * s.T * s.B;
+    const float* cells = saved + Saved(kind) * s.H * Ld(s.T * s.B);
     Backward(kind, s, blk, xs.typed_data(), h0.typed_data(), w.typed_data(), u.typed_data(),
              hs.typed_data(), saved, cells, dhs.typed_data(), dh_t.typed_data(),
              dc_t.typed_data(), dxs->typed_data(), dh0->typed_data(), dc0->typed_data(),
