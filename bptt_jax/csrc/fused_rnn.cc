@@ -1,5 +1,5 @@
-// Whole-sequence RNN, LSTM and GRU kernels for XLA:CPU, written out: one GEMM per step and
-// thread, the gates computed in place.
+// Whole-sequence RNN, LSTM and GRU kernels for XLA:CPU, written out: one GEMM per step
+// and thread, the gates computed in place.
 //
 //   bptt_fused_forward(xs, h0, c0, W, U, bias) -> (hs, h_T, c_T, workspace)
 //   bptt_fused_backward(xs, h0, c0, W, U, bias, hs, h_T, c_T, workspace, dhs, dh_T, dc_T)
@@ -12,22 +12,27 @@
 // reset); c0 and c_T are empty except for the LSTM. `kind` is 0 (tanh RNN), 1
 // (ReLU RNN), 2 (LSTM) or 3 (GRU).
 //
-// The hidden units are split into one block per thread. A step's gates are
-// kept transposed, one row per (gate, unit) and one column per row of the
-// batch, with the rows ordered block by block so that a thread's are
-// contiguous. Each step a thread computes its rows,
+// Gates, saved activations and gate gradients over the whole sequence are arrays
+// [rows, T*B]: a row per (gate, unit), step t's batch in columns t*B .. t*B + B - 1.
+// The hidden units are split into one block per thread, and the rows are ordered
+// block by block so that a thread's are contiguous. Each step a thread computes its
+// rows of the gates,
 //
 //   gates_t[rows] = W_p[rows] x_t^T + U_p[rows] h_{t-1}^T    (M = G * block, N = B)
 //
-// reading x_t and h_{t-1} straight out of xs and hs (the transposed operand of
-// oneDNN's sgemm), then its units' states, and waits for the others: one
-// barrier per step. A product with the gates as its rows runs near the
-// machine's peak even for small B, where [B, H] x [H, G*H] does not. The
-// backward pass is the same loop in reverse (dh_{t-1}^T = U_p dgates_t, one GEMM
-// per step and block), then large GEMMs for dW, dU and dxs over all steps.
-// The forward pass leaves what the backward pass reads in the workspace: the
-// LSTM's gates after their nonlinearities and its cell states; the GRU's z, r,
-// n and h U_n + b_hn; nothing for the RNN (its outputs are its hidden states).
+// reading x_t and h_{t-1} where they lie (the transposed operand of oneDNN's sgemm;
+// the LSTM's input side is one GEMM over all steps before the loop, written into its
+// saved rows), computes its units' states, and waits for the others: one barrier per
+// step. A
+// product with the gates as its rows runs near the machine's peak even for small
+// B, where [B, H] x [H, G*H] does not. The backward pass is the same loop in
+// reverse (dh_{t-1}^T = U_p dgates_t, one GEMM per step and block), writing the gate
+// gradients into a [G*H, T*B] array; the weight gradients are then single GEMMs
+// over K = T*B (dU_p^T = dgates [h0; hs], dW_p^T = dgates xs) and dxs one more,
+// with no transposes. The forward pass leaves what the backward pass reads in the
+// workspace: the LSTM's gates after their nonlinearities (written over their
+// pre-activations) and its cell states; the GRU's z, r, n and h U_n + b_hn;
+// nothing for the RNN (its outputs are its hidden states).
 
 #include <omp.h>
 
@@ -244,11 +249,6 @@ void Steps(const Blocks& blk, int64_t T, Step step) {
   }
 }
 
-// Gates, saved rows and gate gradients over the whole sequence are kept as [rows,
-// Ld(T*B)]: a row per (gate, unit) in block order, step t's batch in columns t*B ..
-// t*B + B - 1. A step reads and writes a column block; the products over all steps
-// (the input projection, the weight gradients) are single GEMMs over K = T*B.
-
 void Forward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, const float* h0,
              const float* c0, const float* W, const float* U, const float* bias, float* hs,
              float* h_t, float* c_t, float* saved, float* cells) {
@@ -268,33 +268,40 @@ void Forward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, c
     Transpose(h0, B, H, H, h_prev_t, B);
   }
   if (kind == kLstm) Transpose(c0, B, H, H, cells, B);
-  // The input side of every step's gates, W_p xs^T [G*H, T*B], in one GEMM. The LSTM's
-  // go straight into the saved rows, where its activations then replace them.
-  float* gates = kind == kLstm ? saved : static_cast<float*>(Kept(kGrads, sizeof(float) * GH * ldt));
-  ParallelGemm('N', 'T', GH, TB, D, Wp, ldd, xs, D, 0.0f, gates, ldt);
+  // The LSTM's input side of every step's gates, W_p xs^T [G*H, T*B], in one GEMM
+  // straight into the saved rows, where its activations then replace them. The GRU and
+  // the RNN, which do not keep their pre-activations, compute theirs step by step into
+  // a small buffer (measured faster than writing and reading back a [G*H, T*B] array).
+  const bool hoisted = kind == kLstm;
+  if (hoisted) ParallelGemm('N', 'T', GH, TB, D, Wp, ldd, xs, D, 0.0f, saved, ldt);
+  const int64_t ldr = hoisted ? ldt : B;  // between the rows of a step's gates
 
 #pragma omp parallel
   {
     FlushDenormals flush;
     const int64_t most = (H + blk.n - 1) / blk.n + 1;
-    std::vector<float> ph(kind == kGru ? G * most * B : 0), h_new(most * B);
+    std::vector<float> px(hoisted ? 0 : G * most * B), ph(kind == kGru ? G * most * B : 0),
+        h_new(most * B);
     Steps(blk, T, [&](int64_t t, int64_t j0, int64_t hb) {
       const int64_t r0 = G * j0;
       const float* h_prev = t == 0 ? h0 : hs + (t - 1) * B * H;
-      float* gt = gates + r0 * ldt + t * B;  // this block's gates at step t
+      // this block's gates at step t
+      float* gt = hoisted ? saved + r0 * ldt + t * B : px.data();
+      if (!hoisted)
+        Gemm('N', 'T', G * hb, B, D, Wp + r0 * ldd, ldd, xs + t * B * D, D, 0.0f, gt, ldr);
       if (kind == kGru)  // the recurrent side apart: the reset gate scales its n block
         Gemm('N', 'T', G * hb, B, H, Up + r0 * ldh, ldh, h_prev, H, 0.0f, ph.data(), B);
       else
-        Gemm('N', 'T', G * hb, B, H, Up + r0 * ldh, ldh, h_prev, H, 1.0f, gt, ldt);
+        Gemm('N', 'T', G * hb, B, H, Up + r0 * ldh, ldh, h_prev, H, 1.0f, gt, ldr);
       float* st = saved + S * j0 * ldt + t * B;  // this block's saved rows at step t
       for (int64_t u = 0; u < hb; ++u) {
         const int64_t j = j0 + u;
         float* h_row = h_new.data() + u * B;
         if (kind == kLstm) {  // st == gt: the activations overwrite the pre-activations
-          float* gi = gt + (0 * hb + u) * ldt;
-          float* gf = gt + (1 * hb + u) * ldt;
-          float* gg = gt + (2 * hb + u) * ldt;
-          float* go = gt + (3 * hb + u) * ldt;
+          float* gi = gt + (0 * hb + u) * ldr;
+          float* gf = gt + (1 * hb + u) * ldr;
+          float* gg = gt + (2 * hb + u) * ldr;
+          float* go = gt + (3 * hb + u) * ldr;
           const float bi = bp[r0 + u], bf = bp[r0 + hb + u], bg = bp[r0 + 2 * hb + u],
                       bo = bp[r0 + 3 * hb + u];
           const float* c_prev = cells + (t * H + j) * B;
@@ -309,9 +316,9 @@ void Forward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, c
             h_row[b] = o * Tanh(c);
           }
         } else if (kind == kGru) {
-          const float* xz = gt + (0 * hb + u) * ldt;
-          const float* xr = gt + (1 * hb + u) * ldt;
-          const float* xn = gt + (2 * hb + u) * ldt;
+          const float* xz = gt + (0 * hb + u) * ldr;
+          const float* xr = gt + (1 * hb + u) * ldr;
+          const float* xn = gt + (2 * hb + u) * ldr;
           const float* uz = ph.data() + (0 * hb + u) * B;
           const float* ur = ph.data() + (1 * hb + u) * B;
           const float* un = ph.data() + (2 * hb + u) * B;
@@ -333,7 +340,7 @@ void Forward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, c
             hpt[b] = h;
           }
         } else {
-          const float* a = gt + u * ldt;
+          const float* a = gt + u * ldr;
           const float bj = bp[r0 + u];
           if (kind == kRnnTanh) {
 #pragma omp simd
