@@ -53,6 +53,9 @@ p.add_argument("--min-count", type=int, default=2,
 p.add_argument("--budget", type=float, default=120.0,
                help="training seconds per model (not counting compilation or evaluation)")
 p.add_argument("--max-epochs", type=int, default=50, help="stop earlier if reached")
+p.add_argument("--min-batches", type=int, default=0,
+               help="train on past the budget until this many batches (--quick: 40, so a "
+                    "loaded machine still trains each model past chance)")
 p.add_argument("--eval-every", type=float, default=30.0,
                help="seconds of training between validation passes")
 p.add_argument("--eval-streams", type=int, default=1,
@@ -88,7 +91,7 @@ if args.demo:
 if args.quick:
   name = "char_lm_quick"
   args.train_bytes, args.val_bytes, args.test_bytes = 40_000, 8_000, 8_000
-  args.budget, args.eval_every = 2.0, 1.0
+  args.budget, args.eval_every, args.min_batches = 2.0, 1.0, 40
   args.lstm_hidden, args.min_gru_hidden, args.sample_len = 64, 64, 120
 models = [m for m in args.models.split(",") if m]
 out = results_dir(name, args.out)
@@ -251,11 +254,12 @@ def sampler(cell, length):
 
 class Budget:
   """Seconds of training so far, not counting the first step (which compiles)
-  nor evaluation; and when the next evaluation is due."""
+  nor evaluation; the batches so far; and when the next evaluation is due."""
 
   def __init__(self, seconds):
     self.seconds, self.created, self.start = seconds, time.perf_counter(), None
     self.first_step, self.paused, self.next_eval = 0.0, 0.0, args.eval_every
+    self.batches = 0
 
   def started(self):
     if self.start is None:
@@ -266,7 +270,8 @@ class Budget:
     return 0.0 if self.start is None else time.perf_counter() - self.start - self.paused
 
   def over(self):
-    return self.start is not None and self.spent() >= self.seconds
+    return (self.start is not None and self.spent() >= self.seconds
+            and self.batches >= args.min_batches)
 
 
 settings = {
@@ -314,6 +319,7 @@ def train(m, key):
         return
       yield batch
       budget.started()  # the first step, compilation included, has run
+      budget.batches += 1
 
   def evaluate(params, force=False):
     """Validation bits/char every --eval-every seconds and after the last step."""
