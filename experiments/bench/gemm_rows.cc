@@ -2,8 +2,8 @@
 // alone: the weight-gradient product with rows whose length is a multiple of a high power
 // of two and with the rows padded as the kernels pad them (Ld), and the per-step products.
 //
-//   g++ -O3 -march=native -fopenmp experiments/bench/gemm_rows.cc -I.venv/include \
-//       -L.venv/lib -ldnnl -Wl,-rpath,$PWD/.venv/lib -o /tmp/gemm_rows
+//   g++ -O3 -march=native -fopenmp experiments/bench/gemm_rows.cc -o /tmp/gemm_rows
+//       -I.venv/include -L.venv/lib -ldnnl -Wl,-rpath,$PWD/.venv/lib    (one line)
 //   /tmp/gemm_rows 16 2000 256 4     # B T H G: the long LSTM
 //
 // Prints the best of a few calls on two threads, each computing half of the result:
