@@ -534,9 +534,11 @@ ffi::Error ForwardHandler(int64_t kind, int64_t training, ffi::Buffer<ffi::F32> 
                                            " bytes, expected " +
                                            std::to_string(sizeof(float) * floats));
       base = Floats(workspace);
+      AdviseHugePages(base, workspace->size_bytes());
     } else {
       base = static_cast<float*>(Kept(kInference, sizeof(float) * floats));
     }
+    AdviseHugePages(hs->typed_data(), hs->size_bytes());
     base[0] = static_cast<float>(blk.n);
     float* saved = base + kHeader;
     float* cells = saved + Saved(kind) * s.H * Ld(s.T * s.B);
@@ -564,6 +566,7 @@ ffi::Error BackwardHandler(int64_t kind, ffi::Buffer<ffi::F32> xs, ffi::Buffer<f
     const Blocks blk{static_cast<int64_t>(base[0]), s.H};
     const float* saved = base + kHeader;
     const float* cells = saved + Saved(kind) * s.H * Ld(s.T * s.B);
+    AdviseHugePages(dxs->typed_data(), dxs->size_bytes());
     Backward(kind, s, blk, xs.typed_data(), h0.typed_data(), w.typed_data(), u.typed_data(),
              hs.typed_data(), saved, cells, dhs.typed_data(), dh_t.typed_data(),
              dc_t.typed_data(), dxs->typed_data(), dh0->typed_data(), dc0->typed_data(),

