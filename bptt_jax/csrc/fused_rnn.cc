@@ -164,8 +164,11 @@ void Transpose(const float* in, int64_t rows, int64_t cols, int64_t ld_in, float
 // A step reads and writes one short stretch of each row of a [rows, T*B] array: rows
 // far apart in memory, which the hardware's prefetchers do not follow.
 inline void PrefetchRows(const float* p, int64_t rows, int64_t ld, int64_t n) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < n; c += 16) __builtin_prefetch(p + r * ld + c, 1, 3);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = p + r * ld;
+    for (int64_t c = 0; c < n; c += 16) __builtin_prefetch(row + c, 1, 3);
+    __builtin_prefetch(row + n - 1, 1, 3);  // the last line, where the stretch is unaligned
+  }
 }
 
 enum Kind : int64_t { kRnnTanh = 0, kRnnRelu = 1, kLstm = 2, kGru = 3 };
