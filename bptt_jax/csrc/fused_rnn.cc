@@ -32,7 +32,9 @@
 // with no transposes. The forward pass leaves what the backward pass reads in the
 // workspace: the LSTM's gates after their nonlinearities (written over their
 // pre-activations) and its cell states; the GRU's z, r, n and h U_n + b_hn;
-// nothing for the RNN (its outputs are its hidden states).
+// nothing for the RNN (its outputs are its hidden states). In inference (training =
+// 0) nothing is saved: every cell computes its input side step by step, and the LSTM
+// keeps the cell states of two steps only.
 
 #include <omp.h>
 
@@ -213,6 +215,11 @@ int64_t Ld(int64_t n) {
   return (m / 16) % 2 == 1 ? m : m + 16;
 }
 
+// Inference keeps nothing for a backward pass: only the LSTM's cell states of two steps.
+int64_t InferenceFloats(int64_t kind, int64_t B, int64_t H) {
+  return kHeader + (kind == kLstm ? 2 * H * B : 0);
+}
+
 int64_t WorkspaceFloats(int64_t kind, int64_t T, int64_t B, int64_t H) {
   // saved rows [S*H, Ld(T*B)]; the LSTM's cell states [T+1, H, B]
   return kHeader + Saved(kind) * H * Ld(T * B) + (kind == kLstm ? H * (T + 1) * B : 0);
@@ -262,7 +269,7 @@ void Steps(const Blocks& blk, int64_t T, Step step) {
 
 void Forward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, const float* h0,
              const float* c0, const float* W, const float* U, const float* bias, float* hs,
-             float* h_t, float* c_t, float* saved, float* cells) {
+             float* h_t, float* c_t, float* saved, float* cells, bool training) {
   const int64_t T = s.T, B = s.B, D = s.D, H = s.H, G = Gates(kind), S = Saved(kind);
   const int64_t GH = G * H, TB = T * B, ldt = Ld(TB), ldd = Ld(D), ldh = Ld(H);
   float* Wp = static_cast<float*>(Kept(kPackedW, sizeof(float) * GH * ldd));
@@ -282,8 +289,11 @@ void Forward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, c
   // The LSTM's input side of every step's gates, W_p xs^T [G*H, T*B], in one GEMM
   // straight into the saved rows, where its activations then replace them. The GRU and
   // the RNN, which do not keep their pre-activations, compute theirs step by step into
-  // a small buffer (measured faster than writing and reading back a [G*H, T*B] array).
-  const bool hoisted = kind == kLstm;
+  // a small buffer (measured faster than writing and reading back a [G*H, T*B] array),
+  // and so does the LSTM in inference, which saves nothing. Its cell states then take
+  // two [H, B] slots in turn instead of T + 1.
+  const int64_t cell_steps = training ? T + 1 : 2;
+  const bool hoisted = kind == kLstm && training;
   if (hoisted) ParallelGemm('N', 'T', GH, TB, D, Wp, ldd, xs, D, 0.0f, saved, ldt);
   const int64_t ldr = hoisted ? ldt : B;  // between the rows of a step's gates
 
@@ -304,8 +314,9 @@ void Forward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, c
         Gemm('N', 'T', G * hb, B, H, Up + r0 * ldh, ldh, h_prev, H, 0.0f, ph.data(), B);
       else
         Gemm('N', 'T', G * hb, B, H, Up + r0 * ldh, ldh, h_prev, H, 1.0f, gt, ldr);
-      float* st = saved + S * j0 * ldt + t * B;  // this block's saved rows at step t
-      if (t + 1 < T && S > 0) PrefetchRows(st + B, S * hb, ldt, B);  // the next step's
+      // this block's saved rows at step t (none in inference)
+      float* st = training ? saved + S * j0 * ldt + t * B : nullptr;
+      if (training && t + 1 < T && S > 0) PrefetchRows(st + B, S * hb, ldt, B);  // the next step's
       for (int64_t u = 0; u < hb; ++u) {
         const int64_t j = j0 + u;
         float* h_row = h_new.data() + u * B;
@@ -316,8 +327,8 @@ void Forward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, c
           float* go = gt + (3 * hb + u) * ldr;
           const float bi = bp[r0 + u], bf = bp[r0 + hb + u], bg = bp[r0 + 2 * hb + u],
                       bo = bp[r0 + 3 * hb + u];
-          const float* c_prev = cells + (t * H + j) * B;
-          float* c_row = cells + ((t + 1) * H + j) * B;
+          const float* c_prev = cells + ((t % cell_steps) * H + j) * B;
+          float* c_row = cells + (((t + 1) % cell_steps) * H + j) * B;
 #pragma omp simd
           for (int64_t b = 0; b < B; ++b) {
             const float i = Sigmoid(gi[b] + bi), f = Sigmoid(gf[b] + bf);
@@ -334,10 +345,11 @@ void Forward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, c
           const float* uz = ph.data() + (0 * hb + u) * B;
           const float* ur = ph.data() + (1 * hb + u) * B;
           const float* un = ph.data() + (2 * hb + u) * B;
-          float* sz = st + (0 * hb + u) * ldt;
-          float* sr = st + (1 * hb + u) * ldt;
-          float* sn = st + (2 * hb + u) * ldt;
-          float* shn = st + (3 * hb + u) * ldt;
+          float *sz = nullptr, *sr = nullptr, *sn = nullptr, *shn = nullptr;
+          if (training) {
+            sz = st + (0 * hb + u) * ldt, sr = st + (1 * hb + u) * ldt;
+            sn = st + (2 * hb + u) * ldt, shn = st + (3 * hb + u) * ldt;
+          }
           const float bz = bp[r0 + u], br = bp[r0 + hb + u], bn = bp[r0 + 2 * hb + u],
                       bhn = bp[GH + j];
           float* hpt = h_prev_t + j * B;
@@ -347,7 +359,7 @@ void Forward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, c
             const float hn = un[b] + bhn;
             const float n = Tanh(xn[b] + bn + r * hn);
             const float h = (1.0f - z) * n + z * hpt[b];
-            sz[b] = z, sr[b] = r, sn[b] = n, shn[b] = hn;
+            if (training) sz[b] = z, sr[b] = r, sn[b] = n, shn[b] = hn;
             h_row[b] = h;
             hpt[b] = h;
           }
@@ -367,7 +379,7 @@ void Forward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, c
     });
   }
   std::memcpy(h_t, hs + (T - 1) * B * H, sizeof(float) * B * H);
-  if (kind == kLstm) Transpose(cells + T * H * B, H, B, B, c_t, H);
+  if (kind == kLstm) Transpose(cells + (T % cell_steps) * H * B, H, B, B, c_t, H);
 }
 
 void Backward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, const float* h0,
@@ -542,7 +554,8 @@ ffi::Error ForwardHandler(int64_t kind, int64_t training, ffi::Buffer<ffi::F32> 
   if (auto err = CheckArgs("bptt_fused_forward", s, kind); err.failure()) return err;
   return Guarded("bptt_fused_forward", [&]() -> ffi::Error {
     const Blocks blk{BlockCount(s.H), s.H};
-    const int64_t floats = WorkspaceFloats(kind, s.T, s.B, s.H);
+    const int64_t floats = training ? WorkspaceFloats(kind, s.T, s.B, s.H)
+                                    : InferenceFloats(kind, s.B, s.H);
     float* base;
     if (training) {
       if (workspace->size_bytes() != static_cast<int64_t>(sizeof(float)) * floats)
@@ -557,11 +570,11 @@ ffi::Error ForwardHandler(int64_t kind, int64_t training, ffi::Buffer<ffi::F32> 
     }
     AdviseHugePages(hs->typed_data(), hs->size_bytes());
     base[0] = static_cast<float>(blk.n);
-    float* saved = base + kHeader;
-    float* cells = saved + Saved(kind) * s.H * Ld(s.T * s.B);
+    float* saved = training ? base + kHeader : nullptr;
+    float* cells = training ? saved + Saved(kind) * s.H * Ld(s.T * s.B) : base + kHeader;
     Forward(kind, s, blk, xs.typed_data(), h0.typed_data(), c0.typed_data(), w.typed_data(),
             u.typed_data(), bias.typed_data(), hs->typed_data(), h_t->typed_data(),
-            c_t->typed_data(), saved, cells);
+            c_t->typed_data(), saved, cells, training != 0);
     return ffi::Error::Success();
   });
 }
