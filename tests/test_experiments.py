@@ -274,3 +274,25 @@ def test_benchmark_ratios_pair_runs_with_the_same_allocator(monkeypatch):
   assert by_impl["bptt_jax"]["ratio_flax"] == pytest.approx(2.0)
   assert by_impl["bptt_jax_malloc"]["ratio_torch"] == pytest.approx(1.5)
   assert by_impl["bptt_jax_malloc"]["ratio_flax"] == pytest.approx(0.5)
+
+
+def test_kernel_calls_times_the_kernels_alone():
+  import re
+
+  import bptt_jax
+
+  if bptt_jax.kernels().library is None:
+    pytest.skip(f"the CPU kernels are not built here: {bptt_jax.kernels().reason}")
+  proc = subprocess.run(
+      [sys.executable, "-m", "bench.kernel_calls", "--cell", "gru", "--config", "tiny",
+       "--reps", "3"],
+      capture_output=True, text=True, timeout=600, cwd=os.path.join(ROOT, "experiments"))
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  line = proc.stdout.strip().splitlines()[-1]
+  pattern = (r"gru/tiny \(fused\), \(B, T, D, H\) = \(4, 10, 4, 8\), 3 rounds: forward best "
+             r"([\d.]+) ms, median ([\d.]+); forward \+ backward best ([\d.]+) ms, median "
+             r"([\d.]+); ([\d,]+) minor page faults per round")
+  match = re.fullmatch(pattern, line)
+  assert match, line
+  fwd_best, fwd_median, both_best, both_median = map(float, match.groups()[:4])
+  assert 0 < fwd_best <= fwd_median and 0 < both_best <= both_median
