@@ -316,11 +316,11 @@ void Forward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, c
         Gemm('N', 'T', G * hb, B, H, Up + r0 * ldh, ldh, h_prev, H, 1.0f, gt, ldr);
       // this block's saved rows at step t (none in inference)
       float* st = training ? saved + S * j0 * ldt + t * B : nullptr;
-      if (training && t + 1 < T && S > 0) PrefetchRows(st + B, S * hb, ldt, B);  // the next step's
+      if (training && t + 1 < T && S > 0) PrefetchRows(st + B, S * hb, ldt, B);  // next step's
       for (int64_t u = 0; u < hb; ++u) {
         const int64_t j = j0 + u;
         float* h_row = h_new.data() + u * B;
-        if (kind == kLstm) {  // st == gt: the activations overwrite the pre-activations
+        if (kind == kLstm) {  // training: st == gt, the activations overwrite the gates
           float* gi = gt + (0 * hb + u) * ldr;
           float* gf = gt + (1 * hb + u) * ldr;
           float* gg = gt + (2 * hb + u) * ldr;

@@ -84,6 +84,7 @@ int main(int argc, char** argv) {
               static_cast<long>(T), static_cast<long>(D), static_cast<long>(H),
               training ? "training" : "inference", static_cast<long>(reps),
               omp_get_max_threads(), forward_best, forward_sum / reps);
-  if (training) std::printf("; backward best %.1f ms, mean %.1f", backward_best, backward_sum / reps);
+  if (training)
+    std::printf("; backward best %.1f ms, mean %.1f", backward_best, backward_sum / reps);
   std::printf("; checksum %.6g\n", checksum);
 }
