@@ -236,6 +236,7 @@ def _library():
           lib.bptt_rnn_threads.restype = ctypes.c_int64
           lib.bptt_fused_workspace_bytes.restype = ctypes.c_int64
           lib.bptt_fused_workspace_bytes.argtypes = [ctypes.c_int64] * 4
+          lib.bptt_fused_kept_sets.restype = ctypes.c_int64
           for name, symbol in (("bptt_rnn_forward", lib.BpttRnnForward),
                                ("bptt_rnn_backward", lib.BpttRnnBackward),
                                ("bptt_fused_forward", lib.BpttFusedForward),

@@ -301,3 +301,36 @@ def test_failed_build_says_so_and_leaves_nothing(monkeypatch, tmp_path):
   path, reason = _kernel._build()
   assert path is None and "building the oneDNN kernels failed" in reason
   assert list(tmp_path.glob("*.so")) == []  # nothing half-written is left to load
+
+
+KEPT_SETS_SCRIPT = """
+import threading
+import jax, jax.numpy as jnp
+import bptt_jax as bj
+from bptt_jax import _kernel
+
+bj.use_kernels("fused")
+cell = bj.lstm(24)
+params = cell.init(jax.random.key(0), 5)
+xs = jax.random.normal(jax.random.key(1), (3, 7, 5))
+loss = jax.jit(jax.grad(lambda p: jnp.sum(bj.unroll(cell, p, xs)[1] ** 2)))
+for _ in range(6):  # one Python thread after another, each calling forward and backward
+  thread = threading.Thread(target=lambda: jax.block_until_ready(loss(params)))
+  thread.start()
+  thread.join()
+print(_kernel._library()[0].bptt_fused_kept_sets())
+"""
+
+
+@needs_kernels
+def test_calls_one_after_another_share_one_set_of_kept_buffers():
+  # Calls take their scratch buffers from a pool: calls that never overlap reuse one
+  # set, however many threads (Python's, XLA's) ran them. In a fresh process, so that
+  # no other test's calls count.
+  import subprocess
+  import sys
+
+  proc = subprocess.run([sys.executable, "-c", KEPT_SETS_SCRIPT], capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.strip().splitlines()[-1] == "1"

@@ -617,4 +617,8 @@ int64_t bptt_fused_workspace_bytes(int64_t kind, int64_t T, int64_t B, int64_t H
   return static_cast<int64_t>(sizeof(float)) * WorkspaceFloats(kind, T, B, H);
 }
 
+// The sets of kept buffers the written-out kernels' calls have made: the most calls
+// that ran at once, whichever threads ran them.
+int64_t bptt_fused_kept_sets() { return Pool().Made(); }
+
 }  // extern "C"

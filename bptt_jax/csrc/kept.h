@@ -1,8 +1,12 @@
-// Buffers kept per thread between calls, and C++ errors turned into XLA FFI errors.
+// Buffers kept between calls, and C++ errors turned into XLA FFI errors.
 //
 // A kernel that allocated its scratch memory on every call would hand fresh
-// pages to fault in on every training step; kept per thread, because XLA may
-// run calls from several threads at once.
+// pages to fault in on every training step. So the buffers come in sets, one
+// buffer per slot, kept in a pool: a call takes a set for its duration (the
+// one given back last, so one call after another reuses the same memory) and
+// gives it back. XLA may run calls at once, from any of its pool's threads;
+// there are as many sets as calls ever ran at the same time, not one per
+// thread that ever ran one.
 
 #ifndef BPTT_JAX_CSRC_KEPT_H_
 #define BPTT_JAX_CSRC_KEPT_H_
@@ -10,8 +14,12 @@
 #include <cstdint>
 #include <cstdlib>
 #include <exception>
+#include <memory>
+#include <mutex>
 #include <new>
 #include <string>
+#include <utility>
+#include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -51,16 +59,76 @@ inline void AdviseHugePages(void* p, size_t bytes) {
 #endif
 }
 
-// A buffer of at least `bytes`, 64-byte aligned, kept by this thread in `slot`;
-// its contents are undefined.
-inline void* Kept(KeptSlot slot, size_t bytes) {
+struct KeptSet {
   struct Slot {
     void* data = nullptr;
     size_t size = 0;
     ~Slot() { std::free(data); }
   };
-  thread_local Slot slots[kSlots];
-  Slot& s = slots[slot];
+  Slot slots[kSlots];
+};
+
+// The sets no call holds.
+class KeptPool {
+ public:
+  std::unique_ptr<KeptSet> Take() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (free_.empty()) {
+      ++made_;
+      return std::make_unique<KeptSet>();
+    }
+    std::unique_ptr<KeptSet> set = std::move(free_.back());
+    free_.pop_back();
+    return set;
+  }
+  void Give(std::unique_ptr<KeptSet> set) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    free_.push_back(std::move(set));
+  }
+  int64_t Made() {  // sets made so far: the most calls that held one at once
+    std::lock_guard<std::mutex> lock(mutex_);
+    return made_;
+  }
+
+ private:
+  int64_t made_ = 0;
+  std::mutex mutex_;
+  std::vector<std::unique_ptr<KeptSet>> free_;
+};
+
+inline KeptPool& Pool() {
+  static KeptPool* pool = new KeptPool;  // never destroyed: calls may outlive static destructors
+  return *pool;
+}
+
+inline KeptSet*& HeldSet() {  // the set of the call running on this thread, if any
+  thread_local KeptSet* held = nullptr;
+  return held;
+}
+
+// Holds a set from the pool for this thread while it lives (one call).
+class KeptLease {
+ public:
+  KeptLease() : set_(Pool().Take()), previous_(HeldSet()) { HeldSet() = set_.get(); }
+  ~KeptLease() {
+    HeldSet() = previous_;
+    Pool().Give(std::move(set_));
+  }
+  KeptLease(const KeptLease&) = delete;
+  KeptLease& operator=(const KeptLease&) = delete;
+
+ private:
+  std::unique_ptr<KeptSet> set_;
+  KeptSet* previous_;
+};
+
+// A buffer of at least `bytes`, 64-byte aligned, in `slot` of the set that this
+// thread's call holds (outside a call, as in a stand-alone driver, a set of the
+// thread's own); its contents are undefined.
+inline void* Kept(KeptSlot slot, size_t bytes) {
+  thread_local KeptSet own;
+  KeptSet* set = HeldSet() != nullptr ? HeldSet() : &own;
+  KeptSet::Slot& s = set->slots[slot];
   if (bytes > s.size) {
     std::free(s.data);
     s.size = (bytes + 63) / 64 * 64;
@@ -74,10 +142,12 @@ inline void* Kept(KeptSlot slot, size_t bytes) {
   return s.data;
 }
 
-// `body()`, with exceptions and failed allocations turned into FFI errors naming `who`.
+// `body()` holding a set of kept buffers, with exceptions and failed allocations
+// turned into FFI errors naming `who`.
 template <typename F>
 xla::ffi::Error Guarded(const char* who, F body) {
   try {
+    KeptLease lease;
     return body();
   } catch (const std::bad_alloc&) {
     return xla::ffi::Error::Internal(std::string(who) + ": out of memory for its buffers");

@@ -17,9 +17,9 @@
 // Primitives are built once per (kind, T, B, D, H) and cached; weights are
 // reordered into the layout each primitive prefers on every call (O(weights),
 // small beside the sequence). The scratchpad and the reordered weights live in
-// buffers kept per thread and grown as needed: allocating them per call would
-// hand the primitive fresh pages to fault in on every step of training, and
-// per thread, calls from XLA's threads may run concurrently. oneDNN's backward
+// kept buffers grown as needed (kept.h: a set per call running at once):
+// allocating them per call would hand the primitive fresh pages to fault in on
+// every step of training. oneDNN's backward
 // pass accumulates into the weight gradients: they are zeroed first.
 
 #include <omp.h>
