@@ -19,14 +19,14 @@ import time
 
 import numpy as np
 
-from .cases import CONFIGS, QUICK_CONFIGS
+from .cases import CONFIGS, GATES, QUICK_CONFIGS
 
-KINDS = {"rnn": ("rnn_tanh", 0, 1), "lstm": ("lstm", 2, 4), "gru": ("gru", 3, 3)}
+CELLS = {"rnn": "rnn_tanh", "lstm": "lstm", "gru": "gru"}  # the kernels' names
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--cell", choices=sorted(KINDS), default="lstm")
+  parser.add_argument("--cell", choices=sorted(CELLS), default="lstm")
   parser.add_argument("--config", choices=sorted({**CONFIGS, **QUICK_CONFIGS}), default="long")
   parser.add_argument("--family", choices=["fused", "rnn"], default="fused")
   parser.add_argument("--reps", type=int, default=5)
@@ -42,7 +42,7 @@ def main():
   if _kernel._library()[0] is None:
     raise SystemExit(f"the kernels are not available: {bptt_jax.kernels().reason}")
   B, T, D, H = {**CONFIGS, **QUICK_CONFIGS}[args.config]
-  _, kind, G = KINDS[args.cell]
+  kind, G = _kernel._KINDS[CELLS[args.cell]], GATES[args.cell]
   rng = np.random.default_rng(0)
 
   def normal(*shape):
