@@ -51,7 +51,7 @@ Array = jax.Array
 
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = [_CSRC / "onednn_rnn.cc", _CSRC / "fused_rnn.cc"]
-_HEADERS = [_CSRC / "kept.h", _CSRC / "rnn_calls.h"]
+_HEADERS = [_CSRC / "kept.h", _CSRC / "panel_gemm.h", _CSRC / "rnn_calls.h"]
 _KINDS = {"rnn_tanh": 0, "rnn_relu": 1, "lstm": 2, "gru": 3}
 _PARAM_KEYS = {"rnn_tanh": {"W", "U", "b"}, "rnn_relu": {"W", "U", "b"},
                "lstm": {"W", "U", "b"}, "gru": {"W", "U", "b", "b_hn"}}

@@ -51,6 +51,7 @@
 #endif
 
 #include "kept.h"
+#include "panel_gemm.h"
 #include "rnn_calls.h"
 #include "oneapi/dnnl/dnnl.h"
 #include "xla/ffi/api/ffi.h"
@@ -261,6 +262,13 @@ int64_t RunRow(const Blocks& blk, int64_t G, int64_t g, int64_t k) {
   return G * blk.Start(k) + g * blk.Size(k);
 }
 
+// Where block k's panels (PackPanels of its `rows` * Size(k) rows) begin, in rows of
+// a buffer of PanelRows(rows) rows: each block's last panel may be padded.
+int64_t PanelRow(const Blocks& blk, int64_t rows, int64_t k) {
+  return rows * blk.Start(k) + kMr * k;
+}
+int64_t PanelRows(const Blocks& blk, int64_t rows) { return PanelRow(blk, rows, blk.n); }
+
 // W [D, G*H] -> Wp [G*H, ld] with the rows in block order (U alike), the runs split over
 // the threads.
 void PackTransposed(const Blocks& blk, int64_t G, const float* W, int64_t D, float* Wp,
@@ -306,13 +314,13 @@ Shape ShapeOf(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& h0) {
   return {x[0], x[1], x[2], h0.dimensions()[1]};
 }
 
-// Inside a parallel region: `step(t, j0, hb)` for t = 0 .. T-1 and each block of
+// Inside a parallel region: `step(t, k, j0, hb)` for t = 0 .. T-1 and each block k of
 // this thread (its units j0 .. j0 + hb - 1), with a barrier after each step.
 template <typename Step>
 void Steps(const Blocks& blk, int64_t T, Step step) {
   const int64_t nthr = omp_get_num_threads(), tid = omp_get_thread_num();
   for (int64_t t = 0; t < T; ++t) {
-    for (int64_t k = tid; k < blk.n; k += nthr) step(t, blk.Start(k), blk.Size(k));
+    for (int64_t k = tid; k < blk.n; k += nthr) step(t, k, blk.Start(k), blk.Size(k));
 #pragma omp barrier
   }
 }
@@ -331,12 +339,21 @@ void Forward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, c
   // [B, H] transposed where it lies in hs (measured single-threaded at this loop's
   // shapes).
   float* h_slots = static_cast<float*>(Kept(kStateGrads, sizeof(float) * 2 * H * B));
+  // The step's products run on panel_gemm.h: each block's rows of U_p (and of W_p where
+  // the input side runs step by step) in panels, and h_{t-1} in two slots of column
+  // blocks, which each step writes as it computes h_t.
+  const int64_t hbf = BlockedFloats(H, B);
+  float* Upn = static_cast<float*>(Kept(kPanels, sizeof(float) * PanelRows(blk, G) * H));
+  float* Wpn = static_cast<float*>(Kept(kPanelsW, sizeof(float) * PanelRows(blk, G) * D));
+  float* h_blocked = static_cast<float*>(Kept(kBlocked, sizeof(float) * 2 * hbf));
+  std::fill_n(h_blocked, 2 * hbf, 0.0f);  // the columns past B stay zero
   PackTransposed(blk, G, W, D, Wp, ldd);
   PackTransposed(blk, G, U, H, Up, ldh);
   for (int64_t g = 0; g < G; ++g)
     for (int64_t j = 0; j < H; ++j) bp[blk.Row(G, g, j)] = bias[g * H + j];
   if (kind == kGru) std::memcpy(bp + GH, bias + GH, sizeof(float) * H);  // b_hn, in unit order
   Transpose(h0, B, H, H, h_slots + H * B, B);
+  for (int64_t j = 0; j < H; ++j) BlockRow(h_slots + H * B + j * B, B, H, j, h_blocked + hbf);
   if (kind == kLstm) Transpose(c0, B, H, H, cells, B);
   // The LSTM's input side of every step's gates, W_p xs^T [G*H, T*B], in one GEMM
   // straight into the saved rows, where its activations then replace them. The GRU and
@@ -354,18 +371,26 @@ void Forward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, c
     FlushDenormals flush;
     const int64_t most = (H + blk.n - 1) / blk.n + 1;
     std::vector<float> px(hoisted ? 0 : G * most * B), ph(kind == kGru ? G * most * B : 0);
-    Steps(blk, T, [&](int64_t t, int64_t j0, int64_t hb) {
-      const int64_t r0 = G * j0;
+    const int64_t nthr = omp_get_num_threads(), tid = omp_get_thread_num();
+    for (int64_t k = tid; k < blk.n; k += nthr) {  // this thread's blocks' panels
+      const int64_t r0 = G * blk.Start(k), rows = G * blk.Size(k), at = PanelRow(blk, G, k);
+      PackPanels(Up + r0 * ldh, ldh, rows, H, Upn + at * H);
+      if (!hoisted) PackPanels(Wp + r0 * ldd, ldd, rows, D, Wpn + at * D);
+    }
+    Steps(blk, T, [&](int64_t t, int64_t k, int64_t j0, int64_t hb) {
+      const int64_t r0 = G * j0, at = PanelRow(blk, G, k);
       const float* h_prev = h_slots + ((t + 1) % 2) * H * B;  // [H, B]
       float* h_next = h_slots + (t % 2) * H * B;
       // this block's gates at step t
       float* gt = hoisted ? saved + r0 * ldt + t * B : px.data();
-      if (!hoisted)
-        Gemm('N', 'T', G * hb, B, D, Wp + r0 * ldd, ldd, xs + t * B * D, D, 0.0f, gt, ldr);
+      if (!hoisted)  // W_p x_t^T
+        PanelGemm(G * hb, B, D, Wpn + at * D, xs + t * B * D, D, true, 0.0f, gt, ldr);
+      const float* hb_prev = h_blocked + ((t + 1) % 2) * hbf;  // U_p h_{t-1}^T
       if (kind == kGru)  // the recurrent side apart: the reset gate scales its n block
-        Gemm('N', 'N', G * hb, B, H, Up + r0 * ldh, ldh, h_prev, B, 0.0f, ph.data(), B);
+        PanelGemmBlocked(G * hb, B, H, Upn + at * H, hb_prev, 0.0f, ph.data(), B);
       else
-        Gemm('N', 'N', G * hb, B, H, Up + r0 * ldh, ldh, h_prev, B, 1.0f, gt, ldr);
+        PanelGemmBlocked(G * hb, B, H, Upn + at * H, hb_prev, 1.0f, gt, ldr);
+      float* hb_next = h_blocked + (t % 2) * hbf;
       // this block's saved rows at step t (none in inference)
       float* st = training ? saved + S * j0 * ldt + t * B : nullptr;
       if (training && t + 1 < T && S > 0) PrefetchRows(st + B, S * hb, ldt, B);  // next step's
@@ -426,6 +451,7 @@ void Forward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, c
           }
         }
       }
+      for (int64_t j = j0; j < j0 + hb; ++j) BlockRow(h_next + j * B, B, H, j, hb_next);
       Transpose(h_next + j0 * B, hb, B, B, hs + t * B * H + j0, H);
     });
   }
@@ -443,6 +469,12 @@ void Backward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, 
   // U with its columns in block order, [H, G*H]: dh_{t-1}^T = U_p dgates_t.
   float* Up = static_cast<float*>(Kept(kPackedU, sizeof(float) * H * ldg));
   PackColumns(blk, G, U, Up, ldg);
+  // The step's product on panel_gemm.h: each block's rows of Up in panels, and the gate
+  // gradients it reads in two slots of column blocks, written as they are computed.
+  const int64_t dbf = BlockedFloats(GH, B);
+  float* Upn = static_cast<float*>(Kept(kPanels, sizeof(float) * PanelRows(blk, 1) * GH));
+  float* d_blocked = static_cast<float*>(Kept(kBlocked, sizeof(float) * 2 * dbf));
+  std::fill_n(d_blocked, 2 * dbf, 0.0f);  // the columns past B stay zero
   // Gate gradients [G*H, T*B]: the input side's (dx), and for the GRU the recurrent
   // side's (dh) too.
   float* dgx = static_cast<float*>(Kept(kGrads, sizeof(float) * (two ? 2 : 1) * GH * ldt));
@@ -458,6 +490,8 @@ void Backward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, 
     const int64_t most = (H + blk.n - 1) / blk.n + 1;
     std::vector<float> dh_out(most * B), h_own(most * B);
     const int64_t nthr = omp_get_num_threads(), tid = omp_get_thread_num();
+    for (int64_t k = tid; k < blk.n; k += nthr)  // this thread's blocks' panels
+      PackPanels(Up + blk.Start(k) * ldg, ldg, blk.Size(k), GH, Upn + PanelRow(blk, 1, k) * GH);
     for (int64_t t = T - 1; t >= 0; --t) {
       for (int64_t k = tid; k < blk.n; k += nthr) {
         const int64_t j0 = blk.Start(k), hb = blk.Size(k), r0 = G * j0;
@@ -538,12 +572,14 @@ void Backward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, 
             }
           }
         }
+        for (int64_t r = 0; r < G * hb; ++r)  // this block's gate gradients, for the GEMMs
+          BlockRow(dh + r * ldt, B, GH, r0 + r, d_blocked + (t % 2) * dbf);
       }
 #pragma omp barrier
       for (int64_t k = tid; k < blk.n; k += nthr) {
         const int64_t j0 = blk.Start(k), hb = blk.Size(k);
-        Gemm('N', 'N', hb, B, GH, Up + j0 * ldg, ldg, dgh + t * B, ldt, two ? 1.0f : 0.0f,
-             dh_next + j0 * B, B);
+        PanelGemmBlocked(hb, B, GH, Upn + PanelRow(blk, 1, k) * GH, d_blocked + (t % 2) * dbf,
+                         two ? 1.0f : 0.0f, dh_next + j0 * B, B);
       }
       // No barrier: the next step's element-wise part reads only this thread's rows of
       // dh_next and writes another step's gate gradients than the GEMMs read.

@@ -39,6 +39,9 @@ enum KeptSlot {
   kGrads,
   kStateGrads,
   kInference,
+  kPanels,           // the written-out kernels' per-step GEMM operands (panel_gemm.h)
+  kPanelsW,
+  kBlocked,
   kSlots
 };
 
