@@ -20,12 +20,12 @@
 //
 //   gates_t[rows] = W_p[rows] x_t^T + U_p[rows] h_{t-1}^T    (M = G * block, N = B)
 //
-// reading x_t where it lies (the transposed operand of oneDNN's sgemm; the LSTM's
-// input side is one GEMM over all steps before the loop, written into its saved rows)
-// and h_{t-1} from an [H, B] copy the step before wrote beside hs, computes its units'
-// states, and waits for the others: one barrier per step. A product with the gates as
-// its rows runs near the machine's peak even for small B, where [B, H] x [H, G*H]
-// does not. The backward pass is the same loop in
+// with panel_gemm.h (its rows of W_p and U_p packed once per call, x_t read where it
+// lies, h_{t-1} from a copy in column blocks that the step before wrote; the LSTM's
+// input side is one GEMM over all steps before the loop, written into its saved rows),
+// computes its units' states, and waits for the others: one barrier per step. A
+// product with the gates as its rows runs near the machine's peak even for small B,
+// where [B, H] x [H, G*H] does not. The backward pass is the same loop in
 // reverse (dh_{t-1}^T = U_p dgates_t, one GEMM per step and block), writing the gate
 // gradients into a [G*H, T*B] array; the weight gradients are then single GEMMs
 // over K = T*B (dU_p^T = dgates [h0; hs], dW_p^T = dgates xs) and dxs one more,
@@ -334,10 +334,7 @@ void Forward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, c
   float* Up = static_cast<float*>(Kept(kPackedU, sizeof(float) * GH * ldh));
   float* bp = static_cast<float*>(Kept(kPackedBias, sizeof(float) * (GH + H)));
   // The hidden states transposed, [H, B], in two slots: step t reads h_{t-1} from slot
-  // (t + 1) % 2 and writes h_t into slot t % 2. The step's GEMM reads its [H, B]
-  // operand untransposed, which oneDNN's sgemm runs 5-13% faster than reading h_{t-1}
-  // [B, H] transposed where it lies in hs (measured single-threaded at this loop's
-  // shapes).
+  // (t + 1) % 2 (the GRU's z h_{t-1}) and writes h_t into slot t % 2, to go to hs.
   float* h_slots = static_cast<float*>(Kept(kStateGrads, sizeof(float) * 2 * H * B));
   // The step's products run on panel_gemm.h: each block's rows of U_p (and of W_p where
   // the input side runs step by step) in panels, and h_{t-1} in two slots of column
