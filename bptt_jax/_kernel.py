@@ -32,6 +32,7 @@ when a function is traced.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import fcntl
 import functools
 import hashlib
@@ -46,6 +47,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_derivatives import SymbolicZero
 
 Array = jax.Array
 
@@ -363,25 +365,44 @@ def _rnn(config, W, U, b, xs, h0, c0):
   return _forward(config, False, W, U, b, xs, h0, c0)[:3]
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["arrays"],
+                   meta_fields=["need_dxs"])
+@dataclasses.dataclass(frozen=True)
+class _Residuals:
+  arrays: tuple  # W, U, b, xs, h0, c0, hs, h_T, c_T, workspace
+  need_dxs: bool  # whether xs is differentiated: if not, no dxs is computed
+
+
 def _rnn_fwd(config, W, U, b, xs, h0, c0):
-  hs, h_T, c_T, workspace = _forward(config, True, W, U, b, xs, h0, c0)
-  return (hs, h_T, c_T), (W, U, b, xs, h0, c0, hs, h_T, c_T, workspace)
+  primals = tuple(p.value for p in (W, U, b, xs, h0, c0))
+  hs, h_T, c_T, workspace = _forward(config, True, *primals)
+  return (hs, h_T, c_T), _Residuals((*primals, hs, h_T, c_T, workspace), xs.perturbed)
 
 
 def _rnn_bwd(config, residuals, cotangents):
-  dxs, dh0, dc0, dW, dU, db = _backward(config, residuals, cotangents)
-  return dW, dU, db, dxs, dh0, dc0
+  # Symbolic zeros become arrays, but a dhs that the written-out kernels may take as
+  # empty (zeros, nothing to read).
+  dhs, dh_T, dc_T = (jnp.zeros(c.shape, c.dtype) if isinstance(c, SymbolicZero) else c
+                     for c in cotangents)
+  if config[0] == "bptt_fused" and isinstance(cotangents[0], SymbolicZero):
+    dhs = jnp.zeros((0,), jnp.float32)
+  dxs, dh0, dc0, dW, dU, db = _backward(config, residuals, (dhs, dh_T, dc_T))
+  return dW, dU, db, dxs if residuals.need_dxs else None, dh0, dc0
 
 
-_rnn.defvjp(_rnn_fwd, _rnn_bwd)
+_rnn.defvjp(_rnn_fwd, _rnn_bwd, symbolic_zeros=True)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _backward(config, residuals, cotangents):
+  """``(dxs, dh0, dc0, dW, dU, db)``; the written-out kernels compute no ``dxs`` (an empty
+  array instead) where ``xs`` is not differentiated, and take an empty ``dhs`` as zeros."""
   target, kind = config
-  W, U, b, xs, h0, c0, hs, h_T, c_T, workspace = residuals
+  W, U, b, xs, h0, c0, hs, h_T, c_T, workspace = residuals.arrays
   dhs, dh_T, dc_T = cotangents
   out = tuple(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (xs, h0, c0, W, U, b))
+  if target == "bptt_fused" and not residuals.need_dxs:
+    out = (jax.ShapeDtypeStruct((0,), jnp.float32), *out[1:])
   call = jax.ffi.ffi_call(f"{target}_backward", out, vmap_method="sequential")
   return call(xs, h0, c0, W, U, b, hs, h_T, c_T, workspace, dhs, dh_T, dc_T,
               kind=np.int64(kind))

@@ -108,6 +108,33 @@ def test_values_and_gradients_equal_the_jax_paths(name, family, shape):
 
 @needs_kernels
 @pytest.mark.parametrize("name,family", KERNELS)
+@pytest.mark.parametrize("uses", ["hs", "final"])
+def test_gradients_of_the_weights_alone_equal_autodiff(name, family, uses):
+  # xs is data (not differentiated), and the loss reads hs only or the final state only:
+  # the written-out kernels then skip dxs's GEMM and take the unused cotangent as zero.
+  cell, params, xs, carry, cot = _setup(name, 3, 6, 5, 41, seed=2)
+
+  def loss(params, carry, **kwargs):
+    final, hs = bj.unroll(cell, params, xs, carry=carry, **kwargs)
+    if uses == "hs":
+      return jnp.sum(hs * cot)
+    return sum(jnp.sum(jnp.sin(leaf)) for leaf in jax.tree_util.tree_leaves(final))
+
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+  with bj.use_kernels(family):
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, carry).as_text()
+    assert TARGETS[family].replace("forward", "backward") in hlo
+    kernel = grad(params, carry)
+  expected = jax.jit(jax.grad(lambda p, c: loss(p, c, fused=False), argnums=(0, 1)))(
+      params, carry)
+  _close(kernel, expected)
+  if family == "fused":  # the call's first result, dxs, is empty: it computes none
+    results = hlo.split("bptt_fused_backward")[1].split("\n")[0].split("-> (")[1]
+    assert results.startswith("tensor<0xf32>, tensor<3x41xf32>"), results
+
+
+@needs_kernels
+@pytest.mark.parametrize("name,family", KERNELS)
 @pytest.mark.parametrize("shape", [(3, 11, 4, 9), (2, 7, 5, 41), (1, 1, 3, 17)])
 def test_forward_only_equals_autodiff_path(name, family, shape):
   # Inference saves nothing for a backward pass (the LSTM's cell states in two slots):

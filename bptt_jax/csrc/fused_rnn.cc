@@ -29,7 +29,8 @@
 // reverse (dh_{t-1}^T = U_p dgates_t, one GEMM per step and block), writing the gate
 // gradients into a [G*H, T*B] array; the weight gradients are then single GEMMs
 // over K = T*B (dU_p^T = dgates [h0; hs], dW_p^T = dgates xs) and dxs one more,
-// with no transposes. The forward pass leaves what the backward pass reads in the
+// with no transposes. An empty dxs asks for no dxs (xs is not differentiated: the GEMM
+// is skipped), an empty dhs stands for zeros (hs is not used). The forward pass leaves what the backward pass reads in the
 // workspace: the LSTM's gates after their nonlinearities (written over their
 // pre-activations) and its cell states; the GRU's z, r, n and h U_n + b_hn;
 // nothing for the RNN (its outputs are its hidden states). In inference (training =
@@ -495,7 +496,7 @@ void Backward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, 
         const float* st = saved + S * j0 * ldt + t * B;
         float* dx = dgx + r0 * ldt + t * B;
         float* dh = dgh + r0 * ldt + t * B;
-        Transpose(dhs + t * B * H + j0, B, hb, H, dh_out.data(), B);
+        if (dhs != nullptr) Transpose(dhs + t * B * H + j0, B, hb, H, dh_out.data(), B);
         if (t > 0) {  // the previous step's rows, while this one computes
           if (S > 0) PrefetchRows(st - B, S * hb, ldt, B);
           PrefetchRows(dx - B, G * hb, ldt, B);
@@ -607,7 +608,8 @@ void Backward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, 
     for (int64_t j = 0; j < H; ++j) dbias[g * H + j] = sums[blk.Row(G, g, j)];
   if (two)
     for (int64_t j = 0; j < H; ++j) dbias[GH + j] = sums[GH + blk.Row(G, 2, j)];
-  // dxs = dgx^T W_p, with W_p [G*H, D] (rows in block order)
+  // dxs = dgx^T W_p, with W_p [G*H, D] (rows in block order), where xs is differentiated
+  if (dxs == nullptr) return;
   float* Wp = static_cast<float*>(Kept(kPackedU, sizeof(float) * GH * ldd));
   PackTransposed(blk, G, W, D, Wp, ldd);
   ParallelGemm('T', 'N', TB, D, GH, dgx, ldt, Wp, ldd, 0.0f, dxs, D);
@@ -679,9 +681,12 @@ ffi::Error BackwardHandler(int64_t kind, ffi::Buffer<ffi::F32> xs, ffi::Buffer<f
     const float* saved = base + kHeader;
     const float* cells = saved + Saved(kind) * s.H * Ld(s.T * s.B);
     AdviseHugePages(dxs->typed_data(), dxs->size_bytes());
+    // An empty dhs is zero (hs is not used), an empty dxs is not wanted (xs is data).
+    const float* dhs_or_zero = dhs.element_count() == 0 ? nullptr : dhs.typed_data();
+    float* dxs_or_none = dxs->element_count() == 0 ? nullptr : dxs->typed_data();
     Backward(kind, s, blk, xs.typed_data(), h0.typed_data(), w.typed_data(), u.typed_data(),
-             hs.typed_data(), saved, cells, dhs.typed_data(), dh_t.typed_data(),
-             dc_t.typed_data(), dxs->typed_data(), dh0->typed_data(), dc0->typed_data(),
+             hs.typed_data(), saved, cells, dhs_or_zero, dh_t.typed_data(),
+             dc_t.typed_data(), dxs_or_none, dh0->typed_data(), dc0->typed_data(),
              dw->typed_data(), du->typed_data(), dbias->typed_data());
     return ffi::Error::Success();
   });
