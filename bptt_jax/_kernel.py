@@ -408,12 +408,59 @@ def _backward(config, residuals, cotangents):
               kind=np.int64(kind))
 
 
-def _no_second_derivative(*args):
-  raise TypeError(
-      "second derivatives through the CPU sequence kernels are not available: use "
-      "bptt_jax.unroll(..., fused=False) (autodiff through lax.scan), or turn the kernels "
-      "off with bptt_jax.use_kernels(False)")
+def _reference(kind, W, U, b, xs, h0, c0):
+  """``(hs, h_T, c_T)`` of the kernels' computation written in JAX, in their layout.
+
+  Differentiated for what the kernels' calls do not give: the derivatives past the
+  first (``jax.grad`` of ``jax.grad``, Hessian-vector products).
+  """
+  H = U.shape[0]
+  lstm, gru = kind == _KINDS["lstm"], kind == _KINDS["gru"]
+  b = b[None]  # [1, rows]: explicit, for jax_numpy_rank_promotion="raise"
+
+  def step(carry, x):
+    h, c = carry
+    if gru:  # (z, r, n) blocks, b = [b_z, b_r, b_n, b_hn]
+      a = x @ W[:, :2 * H] + h @ U[:, :2 * H] + b[:, :2 * H]
+      z, r = jax.nn.sigmoid(a[:, :H]), jax.nn.sigmoid(a[:, H:])
+      n = jnp.tanh(x @ W[:, 2 * H:] + b[:, 2 * H:3 * H] + r * (h @ U[:, 2 * H:] + b[:, 3 * H:]))
+      h = z * h + (1.0 - z) * n
+    else:
+      a = x @ W + h @ U + b
+      if lstm:  # (i, f, g, o)
+        i, f, g, o = jnp.split(a, 4, axis=-1)
+        c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+        h = jax.nn.sigmoid(o) * jnp.tanh(c)
+      else:
+        h = jnp.tanh(a) if kind == _KINDS["rnn_tanh"] else jax.nn.relu(a)
+    return (h, c), h
+
+  (h_T, c_T), hs = jax.lax.scan(step, (h0, c0 if lstm else jnp.zeros_like(h0)), xs)
+  return hs, h_T, c_T if lstm else jnp.zeros_like(c0)
 
 
-_forward.defjvp(_no_second_derivative)
-_backward.defjvp(_no_second_derivative)
+@_forward.defjvp
+def _forward_jvp(config, training, primals, tangents):
+  out = _forward(config, training, *primals)
+  _, (t_hs, t_h, t_c) = jax.jvp(functools.partial(_reference, config[1]), primals, tangents)
+  return out, (t_hs, t_h, t_c, np.zeros(out[3].shape, jax.dtypes.float0))
+
+
+@_backward.defjvp
+def _backward_jvp(config, primals, tangents):
+  (residuals, cotangents), (t_residuals, t_cotangents) = primals, tangents
+  out = _backward(config, residuals, cotangents)
+  T, B, _ = residuals.arrays[3].shape
+  H = residuals.arrays[4].shape[-1]
+
+  def backward(W, U, b, xs, h0, c0, dhs, dh_T, dc_T):  # (dxs, dh0, dc0, dW, dU, db)
+    if dhs.size == 0:  # zeros, left empty
+      dhs = jnp.zeros((T, B, H), dhs.dtype)
+    _, vjp = jax.vjp(functools.partial(_reference, config[1]), W, U, b, xs, h0, c0)
+    dW, dU, db, dxs, dh0, dc0 = vjp((dhs, dh_T, dc_T))
+    return (dxs if out[0].size else jnp.zeros((0,), dxs.dtype)), dh0, dc0, dW, dU, db
+
+  # hs, h_T, c_T and the workspace are functions of the inputs: their tangents follow.
+  _, t_out = jax.jvp(backward, (*residuals.arrays[:6], *cotangents),
+                     (*t_residuals.arrays[:6], *t_cotangents))
+  return out, t_out

@@ -42,9 +42,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <atomic>
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -315,14 +317,55 @@ Shape ShapeOf(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& h0) {
   return {x[0], x[1], x[2], h0.dimensions()[1]};
 }
 
+// The barrier between the steps of a loop: the threads of one parallel region wait for
+// each other by spinning, and give the core away (yield) only after about a millisecond.
+// libgomp's barrier spins briefly and then sleeps when it manages more threads than there
+// are cores, which under XLA it does (a team for each XLA thread that calls a kernel);
+// a sleep and a wake-up took about 20 us, as long as a small step (alone, in
+// experiments/bench/kernel_loop.cc, the small LSTM's inference call 3.3-3.8 -> 5.3-5.8 ms
+// with OMP_WAIT_POLICY=passive). Under XLA, this barrier in place of libgomp's: the small
+// LSTM's inference step 6.2-6.7 -> 4.1-5.3 ms, the long RNN's training step 229-271 ->
+// 141-151 ms (medians, two alternating runs each).
+class StepBarrier {
+ public:
+  // Called by one thread of the region (`omp single`, whose own barrier publishes it).
+  void SetThreads(int threads) { threads_ = threads; }
+  void Wait() {
+    const uint32_t generation = generation_.load(std::memory_order_acquire);
+    if (arrived_.fetch_add(1, std::memory_order_acq_rel) == threads_ - 1) {
+      arrived_.store(0, std::memory_order_relaxed);
+      generation_.store(generation + 1, std::memory_order_release);
+      return;
+    }
+    for (int64_t spins = 0; generation_.load(std::memory_order_acquire) == generation;) {
+      if (++spins < kSpins) {
+        Pause();
+      } else {
+        std::this_thread::yield();
+      }
+    }
+  }
+
+ private:
+  static constexpr int64_t kSpins = 1 << 15;  // pauses: 0.5-2 ms, by the CPU
+  static void Pause() {
+#if defined(__x86_64__) || defined(__i386__)
+    _mm_pause();
+#endif
+  }
+  int threads_ = 1;
+  alignas(64) std::atomic<int> arrived_{0};
+  alignas(64) std::atomic<uint32_t> generation_{0};
+};
+
 // Inside a parallel region: `step(t, k, j0, hb)` for t = 0 .. T-1 and each block k of
 // this thread (its units j0 .. j0 + hb - 1), with a barrier after each step.
 template <typename Step>
-void Steps(const Blocks& blk, int64_t T, Step step) {
+void Steps(const Blocks& blk, int64_t T, StepBarrier& barrier, Step step) {
   const int64_t nthr = omp_get_num_threads(), tid = omp_get_thread_num();
   for (int64_t t = 0; t < T; ++t) {
     for (int64_t k = tid; k < blk.n; k += nthr) step(t, k, blk.Start(k), blk.Size(k));
-#pragma omp barrier
+    barrier.Wait();
   }
 }
 
@@ -364,9 +407,12 @@ void Forward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, c
   if (hoisted) ParallelGemm('N', 'T', GH, TB, D, Wp, ldd, xs, D, 0.0f, saved, ldt);
   const int64_t ldr = hoisted ? ldt : B;  // between the rows of a step's gates
 
+  StepBarrier barrier;
 #pragma omp parallel
   {
     FlushDenormals flush;
+#pragma omp single
+    barrier.SetThreads(omp_get_num_threads());
     const int64_t most = (H + blk.n - 1) / blk.n + 1;
     std::vector<float> px(hoisted ? 0 : G * most * B), ph(kind == kGru ? G * most * B : 0);
     const int64_t nthr = omp_get_num_threads(), tid = omp_get_thread_num();
@@ -375,7 +421,7 @@ void Forward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, c
       PackPanels(Up + r0 * ldh, ldh, rows, H, Upn + at * H);
       if (!hoisted) PackPanels(Wp + r0 * ldd, ldd, rows, D, Wpn + at * D);
     }
-    Steps(blk, T, [&](int64_t t, int64_t k, int64_t j0, int64_t hb) {
+    Steps(blk, T, barrier, [&](int64_t t, int64_t k, int64_t j0, int64_t hb) {
       const int64_t r0 = G * j0, at = PanelRow(blk, G, k);
       const float* h_prev = h_slots + ((t + 1) % 2) * H * B;  // [H, B]
       float* h_next = h_slots + (t % 2) * H * B;
@@ -482,9 +528,12 @@ void Backward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, 
   Transpose(dh_t, B, H, H, dh_next, B);
   if (kind == kLstm) Transpose(dc_t, B, H, H, dc_next, B);
 
+  StepBarrier barrier;
 #pragma omp parallel
   {
     FlushDenormals flush;
+#pragma omp single
+    barrier.SetThreads(omp_get_num_threads());
     const int64_t most = (H + blk.n - 1) / blk.n + 1;
     std::vector<float> dh_out(most * B), h_own(most * B);
     const int64_t nthr = omp_get_num_threads(), tid = omp_get_thread_num();
@@ -573,7 +622,7 @@ void Backward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, 
         for (int64_t r = 0; r < G * hb; ++r)  // this block's gate gradients, for the GEMMs
           BlockRow(dh + r * ldt, B, GH, r0 + r, d_blocked + (t % 2) * dbf);
       }
-#pragma omp barrier
+      barrier.Wait();
       for (int64_t k = tid; k < blk.n; k += nthr) {
         const int64_t j0 = blk.Start(k), hb = blk.Size(k);
         PanelGemmBlocked(hb, B, GH, Upn + PanelRow(blk, 1, k) * GH, d_blocked + (t % 2) * dbf,
