@@ -118,7 +118,9 @@ def test_chaotic_rnn_falls_back_to_the_sequential_scan():
   assert not bool(info.converged) and bool(info.fell_back)
   # Stopped at the cap, or as soon as the iterate overflowed (products of large Jacobians).
   assert 1 <= int(info.iterations) <= 8
-  np.testing.assert_allclose(hs, reference, rtol=0, atol=1e-6)
+  # The same scan compiled in another program: the chaos grows float32 rounding that
+  # differs with the CPU's vector width (1.1e-6 seen with AVX-512), far below an error.
+  np.testing.assert_allclose(hs, reference, rtol=0, atol=1e-5)
   hs, info = run(True, "none")
   assert not bool(info.converged) and not bool(info.fell_back)
   assert not np.allclose(hs, reference, atol=1e-2)  # the last iterate, not the answer
