@@ -290,8 +290,8 @@ def test_kernel_calls_times_the_kernels_alone():
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   line = proc.stdout.strip().splitlines()[-1]
   pattern = (r"gru/tiny \(fused\), \(B, T, D, H\) = \(4, 10, 4, 8\), 3 rounds: forward best "
-             r"([\d.]+) ms, median ([\d.]+); forward \+ backward best ([\d.]+) ms, median "
-             r"([\d.]+); ([\d,]+) minor page faults per round")
+             r"([\d.e+-]+) ms, median ([\d.e+-]+); forward \+ backward best ([\d.e+-]+) ms, "
+             r"median ([\d.e+-]+); ([\d,]+) minor page faults per round")
   match = re.fullmatch(pattern, line)
   assert match, line
   fwd_best, fwd_median, both_best, both_median = map(float, match.groups()[:4])

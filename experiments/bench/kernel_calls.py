@@ -77,8 +77,8 @@ def main():
     both.append((t2 - t1) * 1e3)
   faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / args.reps
   print(f"{args.cell}/{args.config} ({args.family}), (B, T, D, H) = {(B, T, D, H)}, "
-        f"{args.reps} rounds: forward best {min(fwd):.1f} ms, median {np.median(fwd):.1f}; "
-        f"forward + backward best {min(both):.1f} ms, median {np.median(both):.1f}; "
+        f"{args.reps} rounds: forward best {min(fwd):.3g} ms, median {np.median(fwd):.3g}; "
+        f"forward + backward best {min(both):.3g} ms, median {np.median(both):.3g}; "
         f"{faults:,.0f} minor page faults per round")
 
 
