@@ -228,6 +228,7 @@ def _by_unroll(name, fused_sequence):
     if _kernel.usable(name, params, xs, carry, mask):
       return _kernel.sequence(name, params, xs, carry)
     return fused_sequence(unroll, params, xs, carry, mask)
+  sequence.kernel = name  # unroll runs batch-major inputs straight through it where it can
   return sequence
 
 
@@ -295,6 +296,7 @@ def rnn(hidden_size: int, activation: str = "tanh", *, layer_norm: bool = False,
     if _kernel.usable(f"rnn_{activation}", params, xs, carry, mask):
       return _kernel.sequence(f"rnn_{activation}", params, xs, carry)
     return _fused.rnn_sequence((activation, unroll), params, xs, carry, mask)
+  sequence.kernel = f"rnn_{activation}"
 
   return _make(f"rnn_{activation}", hidden_size, layer_norm, init,
                _zeros_carry(hidden_size), recur, lambda h: h, sequence)

@@ -297,9 +297,11 @@ def _family(name: str) -> str | None:
   return next((f for f in FAMILIES if f in enabled and name in _COVERS[f]), None)
 
 
-def usable(name: str, params, xs, carry, mask) -> bool:
-  """Whether a kernel runs cell ``name`` here (decided at trace time)."""
-  if name not in _KINDS or mask is not None or _family(name) is None:
+def usable(name: str, params, xs, carry, mask, batch_major: bool = False) -> bool:
+  """Whether a kernel runs cell ``name`` here (decided at trace time); ``batch_major``:
+  on ``[B, T, D]`` inputs, which the written-out (``"fused"``) kernels read in place."""
+  family = _family(name) if name in _KINDS else None
+  if mask is not None or family is None or (batch_major and family != "fused"):
     return False
   if not isinstance(params, dict) or set(params) != _PARAM_KEYS[name]:
     return False
@@ -311,10 +313,12 @@ def usable(name: str, params, xs, carry, mask) -> bool:
   return _library()[0] is not None
 
 
-def sequence(name: str, params, xs: Array, carry):
+def sequence(name: str, params, xs: Array, carry, batch_major: bool = False):
   """``(carry at T, hs)`` of a built-in cell over time-major ``xs`` ``[T, B, D]`` by a kernel.
 
-  Only call where :func:`usable` is true. The GRU's gate blocks go from
+  With ``batch_major``, ``xs`` is ``[B, T, D]`` and ``hs`` ``[B, T, H]``, read and written
+  in that layout by the kernel (no transposes around it). Only call where :func:`usable`
+  (with the same ``batch_major``) is true. The GRU's gate blocks go from
   ``(r, z, n)`` to oneDNN's ``(z, r, n)`` and its bias gains ``b_hn`` as a
   fourth row; autodiff carries the gradients back through those permutations.
   """
@@ -329,13 +333,13 @@ def sequence(name: str, params, xs: Array, carry):
   else:
     h0, c0 = carry, jnp.zeros((0,), jnp.float32)
   target = "bptt_fused" if _family(name) == "fused" else "bptt_rnn"
-  hs, h_T, c_T = _rnn((target, kind), W, U, b, xs, h0, c0)
+  hs, h_T, c_T = _rnn((target, kind, bool(batch_major)), W, U, b, xs, h0, c0)
   final = carry._replace(h=h_T, c=c_T) if name == "lstm" else h_T
   return final, hs
 
 
 def _workspace_bytes(config, T, B, D, H) -> int:
-  target, kind = config
+  target, kind, _ = config
   lib = _library()[0]
   if target == "bptt_fused":
     return int(lib.bptt_fused_workspace_bytes(kind, T, B, H))
@@ -349,15 +353,22 @@ def _workspace_bytes(config, T, B, D, H) -> int:
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
 def _forward(config, training, W, U, b, xs, h0, c0):
-  target, kind = config
-  T, B, D = xs.shape
+  target, kind, batch_major = config
+  T, B, D = _sizes(config, xs)
   H = h0.shape[-1]
   workspace = _workspace_bytes(config, T, B, D, H) if training else 0
   f32 = jnp.float32
-  out = (jax.ShapeDtypeStruct((T, B, H), f32), jax.ShapeDtypeStruct((B, H), f32),
+  out = (jax.ShapeDtypeStruct(xs.shape[:2] + (H,), f32), jax.ShapeDtypeStruct((B, H), f32),
          jax.ShapeDtypeStruct(c0.shape, f32), jax.ShapeDtypeStruct((workspace,), jnp.uint8))
   call = jax.ffi.ffi_call(f"{target}_forward", out, vmap_method="sequential")
-  return call(xs, h0, c0, W, U, b, kind=np.int64(kind), training=np.int64(training))
+  return call(xs, h0, c0, W, U, b, batch_major=np.int64(batch_major), kind=np.int64(kind),
+              training=np.int64(training))
+
+
+def _sizes(config, xs) -> tuple:
+  """``(T, B, D)`` of ``xs`` in the call's layout."""
+  T, B, D = xs.shape
+  return (B, T, D) if config[2] else (T, B, D)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -397,7 +408,7 @@ _rnn.defvjp(_rnn_fwd, _rnn_bwd, symbolic_zeros=True)
 def _backward(config, residuals, cotangents):
   """``(dxs, dh0, dc0, dW, dU, db)``; the written-out kernels compute no ``dxs`` (an empty
   array instead) where ``xs`` is not differentiated, and take an empty ``dhs`` as zeros."""
-  target, kind = config
+  target, kind, batch_major = config
   W, U, b, xs, h0, c0, hs, h_T, c_T, workspace = residuals.arrays
   dhs, dh_T, dc_T = cotangents
   out = tuple(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (xs, h0, c0, W, U, b))
@@ -405,15 +416,16 @@ def _backward(config, residuals, cotangents):
     out = (jax.ShapeDtypeStruct((0,), jnp.float32), *out[1:])
   call = jax.ffi.ffi_call(f"{target}_backward", out, vmap_method="sequential")
   return call(xs, h0, c0, W, U, b, hs, h_T, c_T, workspace, dhs, dh_T, dc_T,
-              kind=np.int64(kind))
+              batch_major=np.int64(batch_major), kind=np.int64(kind))
 
 
-def _reference(kind, W, U, b, xs, h0, c0):
+def _reference(config, W, U, b, xs, h0, c0):
   """``(hs, h_T, c_T)`` of the kernels' computation written in JAX, in their layout.
 
   Differentiated for what the kernels' calls do not give: the derivatives past the
   first (``jax.grad`` of ``jax.grad``, Hessian-vector products).
   """
+  kind, batch_major = config[1:]
   H = U.shape[0]
   lstm, gru = kind == _KINDS["lstm"], kind == _KINDS["gru"]
   b = b[None]  # [1, rows]: explicit, for jax_numpy_rank_promotion="raise"
@@ -435,14 +447,15 @@ def _reference(kind, W, U, b, xs, h0, c0):
         h = jnp.tanh(a) if kind == _KINDS["rnn_tanh"] else jax.nn.relu(a)
     return (h, c), h
 
-  (h_T, c_T), hs = jax.lax.scan(step, (h0, c0 if lstm else jnp.zeros_like(h0)), xs)
-  return hs, h_T, c_T if lstm else jnp.zeros_like(c0)
+  swap = (lambda a: jnp.swapaxes(a, 0, 1)) if batch_major else (lambda a: a)  # noqa: E731
+  (h_T, c_T), hs = jax.lax.scan(step, (h0, c0 if lstm else jnp.zeros_like(h0)), swap(xs))
+  return swap(hs), h_T, c_T if lstm else jnp.zeros_like(c0)
 
 
 @_forward.defjvp
 def _forward_jvp(config, training, primals, tangents):
   out = _forward(config, training, *primals)
-  _, (t_hs, t_h, t_c) = jax.jvp(functools.partial(_reference, config[1]), primals, tangents)
+  _, (t_hs, t_h, t_c) = jax.jvp(functools.partial(_reference, config), primals, tangents)
   return out, (t_hs, t_h, t_c, np.zeros(out[3].shape, jax.dtypes.float0))
 
 
@@ -450,13 +463,13 @@ def _forward_jvp(config, training, primals, tangents):
 def _backward_jvp(config, primals, tangents):
   (residuals, cotangents), (t_residuals, t_cotangents) = primals, tangents
   out = _backward(config, residuals, cotangents)
-  T, B, _ = residuals.arrays[3].shape
   H = residuals.arrays[4].shape[-1]
+  hs_shape = residuals.arrays[3].shape[:2] + (H,)
 
   def backward(W, U, b, xs, h0, c0, dhs, dh_T, dc_T):  # (dxs, dh0, dc0, dW, dU, db)
     if dhs.size == 0:  # zeros, left empty
-      dhs = jnp.zeros((T, B, H), dhs.dtype)
-    _, vjp = jax.vjp(functools.partial(_reference, config[1]), W, U, b, xs, h0, c0)
+      dhs = jnp.zeros(hs_shape, dhs.dtype)
+    _, vjp = jax.vjp(functools.partial(_reference, config), W, U, b, xs, h0, c0)
     dW, dU, db, dxs, dh0, dc0 = vjp((dhs, dh_T, dc_T))
     return (dxs if out[0].size else jnp.zeros((0,), dxs.dtype)), dh0, dc0, dW, dU, db
 

@@ -7,7 +7,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from bptt_jax import _deer, _linear_rnn
+from bptt_jax import _deer, _kernel, _linear_rnn
 from bptt_jax._cells import Cell, as_cell
 from bptt_jax._common import (
   cast_floats,
@@ -187,11 +187,10 @@ def _unroll(cell, params, xs, make_run, *, lengths, mask, carry, time_major, rev
   cell = as_cell(cell)
   check_inputs(xs)
   xs = jnp.asarray(xs)
-  xs_tm = xs if time_major else jnp.swapaxes(xs, 0, 1)
-  T, B = xs_tm.shape[:2]
-  check_feature_size(cell, params, xs_tm)
+  T, B = xs.shape[:2] if time_major else xs.shape[1::-1]
+  check_feature_size(cell, params, xs)
   dt = compute_dtype(params, dtype, fallback=xs.dtype)
-  params, xs_tm = cast_floats(params, dt), cast_floats(xs_tm, dt)
+  params, xs = cast_floats(params, dt), cast_floats(xs, dt)
   carry = initial_carry(cell, carry, B, dt)
   if mask is not None and reverse:
     raise ValueError("reverse=True needs lengths, not a general mask")
@@ -200,6 +199,12 @@ def _unroll(cell, params, xs, make_run, *, lengths, mask, carry, time_major, rev
     lengths = check_lengths(lengths, B, T)
   n_segments = segments(T)
   run = make_run(cell, params)
+  kernel = getattr(run, "kernel", None)
+  if (kernel is not None and not time_major and not reverse and mask is None and n_segments <= 1
+      and _kernel.usable(kernel, params, xs, carry, None, batch_major=True)):
+    # A CPU kernel that reads [B, T, D] and writes [B, T, H] where they lie: no transposes.
+    return _kernel.sequence(kernel, params, xs, carry, batch_major=True)
+  xs_tm = xs if time_major else jnp.swapaxes(xs, 0, 1)
 
   mask_tm = None if mask is None else jnp.swapaxes(mask, 0, 1)
   inputs = select_steps(mask_tm, xs_tm)
@@ -313,6 +318,7 @@ def _runner(cell, params, *, hoist, unroll, fused, method=None):
       return cell.sequence(params, inputs, carry, None if mask is None else mask[..., None],
                            unroll)
 
+    run_fused.kernel = getattr(cell.sequence, "kernel", None)  # a built-in cell's kernel
     return run_fused
 
   if hoist is None:

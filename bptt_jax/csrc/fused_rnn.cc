@@ -6,7 +6,9 @@
 //       -> (dxs, dh0, dc0, dW, dU, dbias)
 //
 // The same calls and layouts as the oneDNN handlers (onednn_rnn.cc): float32,
-// time-major xs [T, B, D] and hs [T, B, H], states [B, H], W [D, G*H], U [H,
+// time-major xs [T, B, D] and hs [T, B, H] (or, with batch_major = 1, [B, T, D] and
+// [B, T, H], read and written where they lie: no transposes around the call; the
+// products over all steps take time-major copies), states [B, H], W [D, G*H], U [H,
 // G*H], bias [G'*H], the gate blocks in oneDNN's order: (i, f, g, o) for the
 // LSTM, (z, r, n) and a fourth bias block b_hn for the GRU (linear before
 // reset); c0 and c_T are empty except for the LSTM. `kind` is 0 (tanh RNN), 1
@@ -308,13 +310,35 @@ void PackColumns(const Blocks& blk, int64_t G, const float* U, float* Up, int64_
                     sizeof(float) * blk.Size(k));
 }
 
+// The sizes, and where step t's rows of a sequence [.., C] lie: time-major [T, B, C]
+// (rows C apart, steps B*C apart) or batch-major [B, T, C] (rows T*C apart, steps C).
 struct Shape {
   int64_t T, B, D, H;
+  bool batch_major;
+  int64_t Step(int64_t C) const { return batch_major ? C : B * C; }
+  int64_t Row(int64_t C) const { return batch_major ? T * C : C; }
 };
 
-Shape ShapeOf(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& h0) {
+Shape ShapeOf(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& h0, int64_t batch_major) {
   auto x = xs.dimensions();
-  return {x[0], x[1], x[2], h0.dimensions()[1]};
+  return batch_major ? Shape{x[1], x[0], x[2], h0.dimensions()[1], true}
+                     : Shape{x[0], x[1], x[2], h0.dimensions()[1], false};
+}
+
+// dst [T, B, C] = src [B, T, C] (to_time_major) or the other way round, for steps
+// [t0, t1) of the time-major side.
+void Reorder(const float* src, int64_t T, int64_t B, int64_t C, bool to_time_major, float* dst,
+             int64_t t0 = 0, int64_t t1 = -1) {
+  if (t1 < 0) t1 = T;
+#pragma omp parallel for
+  for (int64_t i = t0 * B; i < t1 * B; ++i) {
+    const int64_t t = i / B, b = i % B;
+    const int64_t tm = (t - t0) * B + b, bm = b * T + t;
+    if (to_time_major)
+      std::memcpy(dst + tm * C, src + bm * C, sizeof(float) * C);
+    else
+      std::memcpy(dst + bm * C, src + (t * B + b) * C, sizeof(float) * C);
+  }
 }
 
 // The barrier between the steps of a loop: the threads of one parallel region wait for
@@ -404,7 +428,15 @@ void Forward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, c
   // two [H, B] slots in turn instead of T + 1.
   const int64_t cell_steps = training ? T + 1 : 2;
   const bool hoisted = kind == kLstm && training;
-  if (hoisted) ParallelGemm('N', 'T', GH, TB, D, Wp, ldd, xs, D, 0.0f, saved, ldt);
+  if (hoisted) {
+    const float* xt = xs;  // time-major [T*B, D]
+    if (s.batch_major) {
+      float* copy = static_cast<float*>(Kept(kMajorX, sizeof(float) * TB * D));
+      Reorder(xs, T, B, D, true, copy);
+      xt = copy;
+    }
+    ParallelGemm('N', 'T', GH, TB, D, Wp, ldd, xt, D, 0.0f, saved, ldt);
+  }
   const int64_t ldr = hoisted ? ldt : B;  // between the rows of a step's gates
 
   StepBarrier barrier;
@@ -428,7 +460,8 @@ void Forward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, c
       // this block's gates at step t
       float* gt = hoisted ? saved + r0 * ldt + t * B : px.data();
       if (!hoisted)  // W_p x_t^T
-        PanelGemm(G * hb, B, D, Wpn + at * D, xs + t * B * D, D, true, 0.0f, gt, ldr);
+        PanelGemm(G * hb, B, D, Wpn + at * D, xs + t * s.Step(D), s.Row(D), true, 0.0f, gt,
+                  ldr);
       const float* hb_prev = h_blocked + ((t + 1) % 2) * hbf;  // U_p h_{t-1}^T
       if (kind == kGru)  // the recurrent side apart: the reset gate scales its n block
         PanelGemmBlocked(G * hb, B, H, Upn + at * H, hb_prev, 0.0f, ph.data(), B);
@@ -496,10 +529,11 @@ void Forward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, c
         }
       }
       for (int64_t j = j0; j < j0 + hb; ++j) BlockRow(h_next + j * B, B, H, j, hb_next);
-      Transpose(h_next + j0 * B, hb, B, B, hs + t * B * H + j0, H);
+      Transpose(h_next + j0 * B, hb, B, B, hs + t * s.Step(H) + j0, s.Row(H));
     });
   }
-  std::memcpy(h_t, hs + (T - 1) * B * H, sizeof(float) * B * H);
+  for (int64_t b = 0; b < B; ++b)
+    std::memcpy(h_t + b * H, hs + (T - 1) * s.Step(H) + b * s.Row(H), sizeof(float) * H);
   if (kind == kLstm) Transpose(cells + (T % cell_steps) * H * B, H, B, B, c_t, H);
 }
 
@@ -545,16 +579,19 @@ void Backward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, 
         const float* st = saved + S * j0 * ldt + t * B;
         float* dx = dgx + r0 * ldt + t * B;
         float* dh = dgh + r0 * ldt + t * B;
-        if (dhs != nullptr) Transpose(dhs + t * B * H + j0, B, hb, H, dh_out.data(), B);
+        if (dhs != nullptr)
+          Transpose(dhs + t * s.Step(H) + j0, B, hb, s.Row(H), dh_out.data(), B);
         if (t > 0) {  // the previous step's rows, while this one computes
           if (S > 0) PrefetchRows(st - B, S * hb, ldt, B);
           PrefetchRows(dx - B, G * hb, ldt, B);
           if (two) PrefetchRows(dh - B, G * hb, ldt, B);
         }
-        if (kind == kGru)  // h_{t-1} of these units
-          Transpose((t == 0 ? h0 : hs + (t - 1) * B * H) + j0, B, hb, H, h_own.data(), B);
+        if (kind == kGru && t == 0)  // h_{t-1} of these units
+          Transpose(h0 + j0, B, hb, H, h_own.data(), B);
+        else if (kind == kGru)
+          Transpose(hs + (t - 1) * s.Step(H) + j0, B, hb, s.Row(H), h_own.data(), B);
         else if (kind != kLstm)  // h_t of these units
-          Transpose(hs + t * B * H + j0, B, hb, H, h_own.data(), B);
+          Transpose(hs + t * s.Step(H) + j0, B, hb, s.Row(H), h_own.data(), B);
         for (int64_t u = 0; u < hb; ++u) {
           const int64_t j = j0 + u;
           const float* dho = dh_out.data() + u * B;
@@ -637,11 +674,22 @@ void Backward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, 
 
   // Weight gradients transposed, rows in block order, then back to [K, G*H] in gate order.
   float* dWt = static_cast<float*>(Kept(kPackedW, sizeof(float) * GH * std::max(ldd, ldh)));
+  // The products over K = T*B take the sequences time-major: batch-major ones are copied.
+  const float* hs_tm = hs;
+  const float* xs_tm = xs;
+  float* x_copy = nullptr;
+  if (s.batch_major) {
+    float* h_copy = static_cast<float*>(Kept(kMajorH, sizeof(float) * (TB - B) * H));
+    Reorder(hs, T, B, H, true, h_copy, 0, T - 1);
+    x_copy = static_cast<float*>(Kept(kMajorX, sizeof(float) * TB * D));
+    Reorder(xs, T, B, D, true, x_copy);
+    hs_tm = h_copy, xs_tm = x_copy;
+  }
   // dU_p^T = dgh [h0; hs[0 .. T-2]]
   ParallelGemm('N', 'N', GH, H, B, dgh, ldt, h0, H, 0.0f, dWt, ldh);
-  ParallelGemm('N', 'N', GH, H, TB - B, dgh + B, ldt, hs, H, 1.0f, dWt, ldh);
+  ParallelGemm('N', 'N', GH, H, TB - B, dgh + B, ldt, hs_tm, H, 1.0f, dWt, ldh);
   UnpackTransposed(blk, G, dWt, ldh, H, dU);
-  ParallelGemm('N', 'N', GH, D, TB, dgx, ldt, xs, D, 0.0f, dWt, ldd);  // dW_p^T = dgx xs
+  ParallelGemm('N', 'N', GH, D, TB, dgx, ldt, xs_tm, D, 0.0f, dWt, ldd);  // dW_p^T = dgx xs
   UnpackTransposed(blk, G, dWt, ldd, D, dW);
   // dbias: the row sums of dgx (and for the GRU, b_hn's: of dgh's n rows).
   float* sums = static_cast<float*>(Kept(kPackedBias, sizeof(float) * 2 * GH));
@@ -661,7 +709,9 @@ void Backward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, 
   if (dxs == nullptr) return;
   float* Wp = static_cast<float*>(Kept(kPackedU, sizeof(float) * GH * ldd));
   PackTransposed(blk, G, W, D, Wp, ldd);
-  ParallelGemm('T', 'N', TB, D, GH, dgx, ldt, Wp, ldd, 0.0f, dxs, D);
+  float* dxs_tm = s.batch_major ? x_copy : dxs;  // time-major, then reordered
+  ParallelGemm('T', 'N', TB, D, GH, dgx, ldt, Wp, ldd, 0.0f, dxs_tm, D);
+  if (s.batch_major) Reorder(dxs_tm, T, B, D, false, dxs);
 }
 
 float* Floats(ffi::ResultBuffer<ffi::U8>& buffer) {
@@ -677,13 +727,14 @@ ffi::Error CheckArgs(const char* who, const Shape& s, int64_t kind) {
   return ffi::Error::Success();
 }
 
-ffi::Error ForwardHandler(int64_t kind, int64_t training, ffi::Buffer<ffi::F32> xs,
+ffi::Error ForwardHandler(int64_t batch_major, int64_t kind, int64_t training,
+                          ffi::Buffer<ffi::F32> xs,
                           ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0,
                           ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> u,
                           ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> hs,
                           ffi::ResultBuffer<ffi::F32> h_t, ffi::ResultBuffer<ffi::F32> c_t,
                           ffi::ResultBuffer<ffi::U8> workspace) {
-  const Shape s = ShapeOf(xs, h0);
+  const Shape s = ShapeOf(xs, h0, batch_major);
   if (auto err = CheckArgs("bptt_fused_forward", s, kind); err.failure()) return err;
   return Guarded("bptt_fused_forward", [&]() -> ffi::Error {
     const Blocks blk{BlockCount(s.H), s.H};
@@ -712,7 +763,8 @@ ffi::Error ForwardHandler(int64_t kind, int64_t training, ffi::Buffer<ffi::F32> 
   });
 }
 
-ffi::Error BackwardHandler(int64_t kind, ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> h0,
+ffi::Error BackwardHandler(int64_t batch_major, int64_t kind, ffi::Buffer<ffi::F32> xs,
+                           ffi::Buffer<ffi::F32> h0,
                            ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::F32> w,
                            ffi::Buffer<ffi::F32> u, ffi::Buffer<ffi::F32> bias,
                            ffi::Buffer<ffi::F32> hs, ffi::Buffer<ffi::F32> h_t,
@@ -722,7 +774,7 @@ ffi::Error BackwardHandler(int64_t kind, ffi::Buffer<ffi::F32> xs, ffi::Buffer<f
                            ffi::ResultBuffer<ffi::F32> dh0, ffi::ResultBuffer<ffi::F32> dc0,
                            ffi::ResultBuffer<ffi::F32> dw, ffi::ResultBuffer<ffi::F32> du,
                            ffi::ResultBuffer<ffi::F32> dbias) {
-  const Shape s = ShapeOf(xs, h0);
+  const Shape s = ShapeOf(xs, h0, batch_major);
   if (auto err = CheckArgs("bptt_fused_backward", s, kind); err.failure()) return err;
   return Guarded("bptt_fused_backward", [&]() -> ffi::Error {
     const float* base = reinterpret_cast<const float*>(workspace.typed_data());

@@ -42,6 +42,8 @@ enum KeptSlot {
   kPanels,           // the written-out kernels' per-step GEMM operands (panel_gemm.h)
   kPanelsW,
   kBlocked,
+  kMajorX,           // the written-out kernels' time-major copies of batch-major sequences
+  kMajorH,
   kSlots
 };
 

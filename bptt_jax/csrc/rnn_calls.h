@@ -1,11 +1,13 @@
 // The two XLA FFI calls that each family of whole-sequence kernels implements:
 //
-//   forward(xs, h0, c0, W, U, bias; kind, training) -> (hs, h_T, c_T, workspace)
-//   backward(xs, h0, c0, W, U, bias, hs, h_T, c_T, workspace, dhs, dh_T, dc_T; kind)
-//       -> (dxs, dh0, dc0, dW, dU, dbias)
+//   forward(xs, h0, c0, W, U, bias; batch_major, kind, training)
+//       -> (hs, h_T, c_T, workspace)
+//   backward(xs, h0, c0, W, U, bias, hs, h_T, c_T, workspace, dhs, dh_T, dc_T;
+//            batch_major, kind) -> (dxs, dh0, dc0, dW, dU, dbias)
 //
 // Every array is float32 (the workspace bytes) in the layouts that
-// bptt_jax/_kernel.py passes: time-major sequences [T, B, C], states [B, H],
+// bptt_jax/_kernel.py passes: sequences time-major [T, B, C] (batch_major = 0) or
+// batch-major [B, T, C] (1, the written-out kernels only), states [B, H],
 // W [D, G*H], U [H, G*H], bias [G'*H], the gate blocks in oneDNN's order.
 
 #ifndef BPTT_JAX_CSRC_RNN_CALLS_H_
@@ -20,6 +22,7 @@ namespace {
 inline auto ForwardBinding() {
   namespace ffi = xla::ffi;
   return ffi::Ffi::Bind()
+      .Attr<int64_t>("batch_major")
       .Attr<int64_t>("kind")
       .Attr<int64_t>("training")
       .Arg<ffi::Buffer<ffi::F32>>()   // xs
@@ -37,6 +40,7 @@ inline auto ForwardBinding() {
 inline auto BackwardBinding() {
   namespace ffi = xla::ffi;
   return ffi::Ffi::Bind()
+      .Attr<int64_t>("batch_major")
       .Attr<int64_t>("kind")
       .Arg<ffi::Buffer<ffi::F32>>()   // xs
       .Arg<ffi::Buffer<ffi::F32>>()   // h0

@@ -52,7 +52,7 @@ def main():
   inputs = (normal(D, G * H), normal(H, G * H), normal(bias_rows * H), normal(T, B, D),
             normal(B, H), normal(B, H) if args.cell == "lstm" else jnp.zeros((0,), jnp.float32))
   dhs = normal(T, B, H)
-  config = (f"bptt_{args.family}", kind)
+  config = (f"bptt_{args.family}", kind, False)  # time-major
 
   @jax.jit
   def forward(*inputs):

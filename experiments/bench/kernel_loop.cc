@@ -44,7 +44,7 @@ int main(int argc, char** argv) {
              dhs = random(T * B * H, 1.0f), dh_t = random(B * H, 1.0f), dc_t = random(B * H, 1.0f);
   std::vector<float> hs(T * B * H), h_t(B * H), c_t(B * H), dxs(T * B * D), dh0(B * H),
       dc0(B * H), dW(D * G * H), dU(H * G * H), dbias(bias_rows * H);
-  const Shape s{T, B, D, H};
+  const Shape s{T, B, D, H, false};
   const Blocks blk{BlockCount(H), H};
   std::vector<float> workspace(WorkspaceFloats(kind, T, B, H));
   float* saved = workspace.data() + kHeader;
