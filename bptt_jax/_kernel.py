@@ -26,7 +26,9 @@ A kernel runs when its family is on, the backend is the CPU with one device,
 every array is float32, the shapes are not empty, no mask is needed (no
 ``lengths`` or ``mask``), the cell has no layer norm and the fused path is
 chosen (``fused`` not ``False``, ``hoist`` not ``True``). The choice is made
-when a function is traced.
+when a function is traced. The written-out kernels read batch-major ``[B, T, D]``
+inputs and write ``[B, T, H]`` in place (``unroll``'s default layout, without
+``reverse`` or ``remat`` segments); otherwise the sequences go in time-major.
 """
 
 from __future__ import annotations

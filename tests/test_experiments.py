@@ -296,3 +296,26 @@ def test_kernel_calls_times_the_kernels_alone():
   assert match, line
   fwd_best, fwd_median, both_best, both_median = map(float, match.groups()[:4])
   assert 0 < fwd_best <= fwd_median and 0 < both_best <= both_median
+
+
+def test_layout_ab_times_both_layouts_of_the_kernel_step():
+  import re
+
+  import bptt_jax
+
+  if bptt_jax.kernels().library is None:
+    pytest.skip(f"the CPU kernels are not built here: {bptt_jax.kernels().reason}")
+  proc = subprocess.run(
+      [sys.executable, "-m", "bench.layout_ab", "--cell", "lstm", "--config", "tiny",
+       "--mode", "train", "--reps", "3"],
+      capture_output=True, text=True, timeout=600, cwd=os.path.join(ROOT, "experiments"))
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  lines = proc.stdout.strip().splitlines()[-3:]
+  assert lines[0] == "lstm/tiny/train, (B, T, D, H) = (4, 10, 4, 8), 3 rounds", lines
+  rows = [re.fullmatch(r"  (.+?) +median +([\d.]+) ms   ratio ([\d.]+) \[([\d.]+), ([\d.]+)\]",
+                       line) for line in lines[1:]]
+  assert all(rows), lines
+  assert [r.group(1) for r in rows] == ["batch-major, in place", "time-major, transposes"]
+  first, second = ([float(x) for x in r.groups()[1:]] for r in rows)
+  assert first[1:] == [1.0, 1.0, 1.0]  # each round's ratio to itself
+  assert first[0] > 0 and second[0] > 0 and second[2] <= second[1] <= second[3]

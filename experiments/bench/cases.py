@@ -6,6 +6,7 @@ result. JAX, Flax and PyTorch are imported inside the builders, so that a
 worker process loads only the framework it measures.
 """
 
+import time
 from typing import Any, Callable, NamedTuple
 
 import numpy as np
@@ -230,6 +231,30 @@ def jax_stepper(case: JaxCase, fn: Callable | None = None) -> Callable[[], float
     return float(metrics["loss"])
 
   return step
+
+
+def time_in_turn(steps: dict, reps: int) -> dict:
+  """``{name: [ms, ...]}``: each ``step()`` warmed up once, then called in turn, one call
+  each per round, for ``reps`` rounds (so a drift in the machine's speed hits all alike)."""
+  for step in steps.values():
+    step()
+  times = {name: [] for name in steps}
+  for _ in range(reps):
+    for name, step in steps.items():
+      start = time.perf_counter()
+      step()
+      times[name].append((time.perf_counter() - start) * 1e3)
+  return times
+
+
+def print_in_turn(times: dict, width: int = 30) -> None:
+  """For :func:`time_in_turn`'s result: each step's median time, and the median and
+  quartiles of its per-round ratios to the first step's time."""
+  first = np.array(next(iter(times.values())))
+  for name, ms in times.items():
+    ratios = np.array(ms) / first
+    print(f"  {name:{width}s} median {np.median(ms):8.2f} ms   ratio {np.median(ratios):.3f} "
+          f"[{np.quantile(ratios, 0.25):.3f}, {np.quantile(ratios, 0.75):.3f}]")
 
 
 def torch_stepper(cell_name: str, dims: Dims, mode: str) -> Callable[[], float | None]:

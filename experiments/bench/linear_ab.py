@@ -20,11 +20,8 @@ import importlib.util
 import os
 import subprocess
 import tempfile
-import time
 
-import numpy as np
-
-from .cases import CONFIGS, bptt_jax_case, jax_stepper
+from .cases import CONFIGS, bptt_jax_case, jax_stepper, print_in_turn, time_in_turn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -92,20 +89,9 @@ def main():
     steps["this checkout, no kernels"] = compiled_step(args.cell, args.method, kernels=False)
   if args.gru:
     steps["fused GRU"] = compiled_step("gru", args.method)
-  for step in steps.values():  # warm up
-    step()
-  times = {name: [] for name in steps}
-  for _ in range(args.reps):
-    for name, step in steps.items():
-      start = time.perf_counter()
-      step()
-      times[name].append((time.perf_counter() - start) * 1e3)
-  first = next(iter(times.values()))
+  times = time_in_turn(steps, args.reps)
   print(f"{args.cell}, {args.method}, (B, T, D, H) = {tuple(CONFIGS['long'])}, {args.reps} rounds")
-  for name, ms in times.items():
-    ratios = np.array(ms) / np.array(first)
-    print(f"  {name:30s} median {np.median(ms):7.1f} ms   ratio {np.median(ratios):.3f} "
-          f"[{ratios.min():.3f}, {ratios.max():.3f}]")
+  print_in_turn(times, 30)
 
 
 if __name__ == "__main__":
