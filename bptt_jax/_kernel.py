@@ -23,12 +23,13 @@ anything is missing or the build fails, :func:`bptt_jax.unroll` keeps the JAX
 paths and :func:`kernels` says why.
 
 A kernel runs when its family is on, the backend is the CPU with one device,
-every array is float32, the shapes are not empty, no mask is needed (no
-``lengths`` or ``mask``), the cell has no layer norm and the fused path is
-chosen (``fused`` not ``False``, ``hoist`` not ``True``). The choice is made
-when a function is traced. The written-out kernels read batch-major ``[B, T, D]``
-inputs and write ``[B, T, H]`` in place (``unroll``'s default layout, without
-``reverse`` or ``remat`` segments); otherwise the sequences go in time-major.
+every array is float32, the shapes are not empty, no general ``mask`` is given
+(``lengths`` only with the written-out kernels), no ``remat`` segments, the cell
+has no layer norm and the fused path is chosen (``fused`` not ``False``,
+``hoist`` not ``True``). The choice is made when a function is traced. The
+written-out kernels read batch-major ``[B, T, D]`` inputs and write ``[B, T, H]``
+in place (``unroll``'s default layout, without ``reverse``); otherwise the
+sequences go in time-major.
 """
 
 from __future__ import annotations
@@ -299,11 +300,13 @@ def _family(name: str) -> str | None:
   return next((f for f in FAMILIES if f in enabled and name in _COVERS[f]), None)
 
 
-def usable(name: str, params, xs, carry, mask, batch_major: bool = False) -> bool:
+def usable(name: str, params, xs, carry, mask, batch_major: bool = False,
+           lengths: bool = False) -> bool:
   """Whether a kernel runs cell ``name`` here (decided at trace time); ``batch_major``:
-  on ``[B, T, D]`` inputs, which the written-out (``"fused"``) kernels read in place."""
+  on ``[B, T, D]`` inputs, and ``lengths``: with sequence lengths, both of which the
+  written-out (``"fused"``) kernels take."""
   family = _family(name) if name in _KINDS else None
-  if mask is not None or family is None or (batch_major and family != "fused"):
+  if mask is not None or family is None or ((batch_major or lengths) and family != "fused"):
     return False
   if not isinstance(params, dict) or set(params) != _PARAM_KEYS[name]:
     return False
@@ -315,14 +318,17 @@ def usable(name: str, params, xs, carry, mask, batch_major: bool = False) -> boo
   return _library()[0] is not None
 
 
-def sequence(name: str, params, xs: Array, carry, batch_major: bool = False):
+def sequence(name: str, params, xs: Array, carry, batch_major: bool = False, lengths=None):
   """``(carry at T, hs)`` of a built-in cell over time-major ``xs`` ``[T, B, D]`` by a kernel.
 
   With ``batch_major``, ``xs`` is ``[B, T, D]`` and ``hs`` ``[B, T, H]``, read and written
-  in that layout by the kernel (no transposes around it). Only call where :func:`usable`
-  (with the same ``batch_major``) is true. The GRU's gate blocks go from
-  ``(r, z, n)`` to oneDNN's ``(z, r, n)`` and its bias gains ``b_hn`` as a
-  fourth row; autodiff carries the gradients back through those permutations.
+  in that layout by the kernel (no transposes around it). With ``lengths`` (int ``[B]``,
+  the written-out kernels only), each sequence's states stay past its end and its
+  outputs there are zero; its inputs there must be finite (``unroll`` zeros them). Only
+  call where :func:`usable` (with the same ``batch_major`` and ``lengths``) is true.
+  The GRU's gate blocks go from ``(r, z, n)`` to oneDNN's ``(z, r, n)`` and its bias
+  gains ``b_hn`` as a fourth row; autodiff carries the gradients back through those
+  permutations.
   """
   kind = _KINDS[name]
   W, U, b = params["W"], params["U"], params["b"]
@@ -335,7 +341,9 @@ def sequence(name: str, params, xs: Array, carry, batch_major: bool = False):
   else:
     h0, c0 = carry, jnp.zeros((0,), jnp.float32)
   target = "bptt_fused" if _family(name) == "fused" else "bptt_rnn"
-  hs, h_T, c_T = _rnn((target, kind, bool(batch_major)), W, U, b, xs, h0, c0)
+  lengths = (jnp.zeros((0,), jnp.int32) if lengths is None
+             else jnp.asarray(lengths).astype(jnp.int32))
+  hs, h_T, c_T = _rnn((target, kind, bool(batch_major)), W, U, b, xs, h0, c0, lengths)
   final = carry._replace(h=h_T, c=c_T) if name == "lstm" else h_T
   return final, hs
 
@@ -354,7 +362,7 @@ def _workspace_bytes(config, T, B, D, H) -> int:
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
-def _forward(config, training, W, U, b, xs, h0, c0):
+def _forward(config, training, W, U, b, xs, h0, c0, lengths):
   target, kind, batch_major = config
   T, B, D = _sizes(config, xs)
   H = h0.shape[-1]
@@ -363,8 +371,8 @@ def _forward(config, training, W, U, b, xs, h0, c0):
   out = (jax.ShapeDtypeStruct(xs.shape[:2] + (H,), f32), jax.ShapeDtypeStruct((B, H), f32),
          jax.ShapeDtypeStruct(c0.shape, f32), jax.ShapeDtypeStruct((workspace,), jnp.uint8))
   call = jax.ffi.ffi_call(f"{target}_forward", out, vmap_method="sequential")
-  return call(xs, h0, c0, W, U, b, batch_major=np.int64(batch_major), kind=np.int64(kind),
-              training=np.int64(training))
+  return call(xs, h0, c0, W, U, b, lengths, batch_major=np.int64(batch_major),
+              kind=np.int64(kind), training=np.int64(training))
 
 
 def _sizes(config, xs) -> tuple:
@@ -374,20 +382,20 @@ def _sizes(config, xs) -> tuple:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _rnn(config, W, U, b, xs, h0, c0):
-  return _forward(config, False, W, U, b, xs, h0, c0)[:3]
+def _rnn(config, W, U, b, xs, h0, c0, lengths):
+  return _forward(config, False, W, U, b, xs, h0, c0, lengths)[:3]
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["arrays"],
                    meta_fields=["need_dxs"])
 @dataclasses.dataclass(frozen=True)
 class _Residuals:
-  arrays: tuple  # W, U, b, xs, h0, c0, hs, h_T, c_T, workspace
+  arrays: tuple  # W, U, b, xs, h0, c0, lengths, hs, h_T, c_T, workspace
   need_dxs: bool  # whether xs is differentiated: if not, no dxs is computed
 
 
-def _rnn_fwd(config, W, U, b, xs, h0, c0):
-  primals = tuple(p.value for p in (W, U, b, xs, h0, c0))
+def _rnn_fwd(config, W, U, b, xs, h0, c0, lengths):
+  primals = tuple(p.value for p in (W, U, b, xs, h0, c0, lengths))
   hs, h_T, c_T, workspace = _forward(config, True, *primals)
   return (hs, h_T, c_T), _Residuals((*primals, hs, h_T, c_T, workspace), xs.perturbed)
 
@@ -400,7 +408,7 @@ def _rnn_bwd(config, residuals, cotangents):
   if config[0] == "bptt_fused" and isinstance(cotangents[0], SymbolicZero):
     dhs = jnp.zeros((0,), jnp.float32)
   dxs, dh0, dc0, dW, dU, db = _backward(config, residuals, (dhs, dh_T, dc_T))
-  return dW, dU, db, dxs if residuals.need_dxs else None, dh0, dc0
+  return dW, dU, db, dxs if residuals.need_dxs else None, dh0, dc0, None
 
 
 _rnn.defvjp(_rnn_fwd, _rnn_bwd, symbolic_zeros=True)
@@ -411,17 +419,17 @@ def _backward(config, residuals, cotangents):
   """``(dxs, dh0, dc0, dW, dU, db)``; the written-out kernels compute no ``dxs`` (an empty
   array instead) where ``xs`` is not differentiated, and take an empty ``dhs`` as zeros."""
   target, kind, batch_major = config
-  W, U, b, xs, h0, c0, hs, h_T, c_T, workspace = residuals.arrays
+  W, U, b, xs, h0, c0, lengths, hs, h_T, c_T, workspace = residuals.arrays
   dhs, dh_T, dc_T = cotangents
   out = tuple(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (xs, h0, c0, W, U, b))
   if target == "bptt_fused" and not residuals.need_dxs:
     out = (jax.ShapeDtypeStruct((0,), jnp.float32), *out[1:])
   call = jax.ffi.ffi_call(f"{target}_backward", out, vmap_method="sequential")
-  return call(xs, h0, c0, W, U, b, hs, h_T, c_T, workspace, dhs, dh_T, dc_T,
+  return call(xs, h0, c0, W, U, b, hs, h_T, c_T, workspace, dhs, dh_T, dc_T, lengths,
               batch_major=np.int64(batch_major), kind=np.int64(kind))
 
 
-def _reference(config, W, U, b, xs, h0, c0):
+def _reference(config, W, U, b, xs, h0, c0, lengths):
   """``(hs, h_T, c_T)`` of the kernels' computation written in JAX, in their layout.
 
   Differentiated for what the kernels' calls do not give: the derivatives past the
@@ -432,8 +440,9 @@ def _reference(config, W, U, b, xs, h0, c0):
   lstm, gru = kind == _KINDS["lstm"], kind == _KINDS["gru"]
   b = b[None]  # [1, rows]: explicit, for jax_numpy_rank_promotion="raise"
 
-  def step(carry, x):
-    h, c = carry
+  def step(carry, inputs):
+    x, live = inputs  # live [B, 1]: the step is one of the sequence's own
+    h_prev, c_prev = h, c = carry
     if gru:  # (z, r, n) blocks, b = [b_z, b_r, b_n, b_hn]
       a = x @ W[:, :2 * H] + h @ U[:, :2 * H] + b[:, :2 * H]
       z, r = jax.nn.sigmoid(a[:, :H]), jax.nn.sigmoid(a[:, H:])
@@ -447,10 +456,15 @@ def _reference(config, W, U, b, xs, h0, c0):
         h = jax.nn.sigmoid(o) * jnp.tanh(c)
       else:
         h = jnp.tanh(a) if kind == _KINDS["rnn_tanh"] else jax.nn.relu(a)
-    return (h, c), h
+    h, c = jnp.where(live, h, h_prev), jnp.where(live, c, c_prev)
+    return (h, c), jnp.where(live, h, 0.0)
 
   swap = (lambda a: jnp.swapaxes(a, 0, 1)) if batch_major else (lambda a: a)  # noqa: E731
-  (h_T, c_T), hs = jax.lax.scan(step, (h0, c0 if lstm else jnp.zeros_like(h0)), swap(xs))
+  xs_tm = swap(xs)
+  T, B = xs_tm.shape[:2]
+  live = (jnp.arange(T)[:, None] < lengths[None, :] if lengths.size
+          else jnp.ones((T, B), bool))[..., None]
+  (h_T, c_T), hs = jax.lax.scan(step, (h0, c0 if lstm else jnp.zeros_like(h0)), (xs_tm, live))
   return swap(hs), h_T, c_T if lstm else jnp.zeros_like(c0)
 
 
@@ -467,11 +481,12 @@ def _backward_jvp(config, primals, tangents):
   out = _backward(config, residuals, cotangents)
   H = residuals.arrays[4].shape[-1]
   hs_shape = residuals.arrays[3].shape[:2] + (H,)
+  lengths = residuals.arrays[6]
 
   def backward(W, U, b, xs, h0, c0, dhs, dh_T, dc_T):  # (dxs, dh0, dc0, dW, dU, db)
     if dhs.size == 0:  # zeros, left empty
       dhs = jnp.zeros(hs_shape, dhs.dtype)
-    _, vjp = jax.vjp(functools.partial(_reference, config), W, U, b, xs, h0, c0)
+    _, vjp = jax.vjp(lambda *a: _reference(config, *a, lengths), W, U, b, xs, h0, c0)
     dW, dU, db, dxs, dh0, dc0 = vjp((dhs, dh_T, dc_T))
     return (dxs if out[0].size else jnp.zeros((0,), dxs.dtype)), dh0, dc0, dW, dU, db
 

@@ -194,23 +194,34 @@ def _unroll(cell, params, xs, make_run, *, lengths, mask, carry, time_major, rev
   carry = initial_carry(cell, carry, B, dt)
   if mask is not None and reverse:
     raise ValueError("reverse=True needs lengths, not a general mask")
+  given_mask = mask is not None
   mask = step_mask(B, T, lengths=lengths, mask=mask)
   if lengths is not None:
     lengths = check_lengths(lengths, B, T)
   n_segments = segments(T)
   run = make_run(cell, params)
+  # A built-in cell's CPU kernel, where one applies: it takes lengths (not a general
+  # mask), and reads [B, T, D] and writes [B, T, H] where they lie (no transposes) when
+  # the steps run forward.
   kernel = getattr(run, "kernel", None)
-  if (kernel is not None and not time_major and not reverse and mask is None and n_segments <= 1
-      and _kernel.usable(kernel, params, xs, carry, None, batch_major=True)):
-    # A CPU kernel that reads [B, T, D] and writes [B, T, H] where they lie: no transposes.
-    return _kernel.sequence(kernel, params, xs, carry, batch_major=True)
+  batch_major = not time_major and not reverse
+  if not (kernel is not None and not given_mask and n_segments <= 1
+          and _kernel.usable(kernel, params, xs, carry, None, batch_major=batch_major,
+                             lengths=lengths is not None)):
+    kernel = None
+  if kernel is not None and batch_major:
+    return _kernel.sequence(kernel, params, select_steps(mask, xs), carry, batch_major=True,
+                            lengths=lengths)
   xs_tm = xs if time_major else jnp.swapaxes(xs, 0, 1)
 
   mask_tm = None if mask is None else jnp.swapaxes(mask, 0, 1)
   inputs = select_steps(mask_tm, xs_tm)
   if reverse:
     inputs = inputs[::-1] if lengths is None else _flip_within_lengths(inputs, lengths)
-  carry, hs = _segmented(run, carry, inputs, mask_tm, n_segments)
+  if kernel is not None:
+    carry, hs = _kernel.sequence(kernel, params, inputs, carry, lengths=lengths)
+  else:
+    carry, hs = _segmented(run, carry, inputs, mask_tm, n_segments)
   if reverse:
     hs = hs[::-1] if lengths is None else _flip_within_lengths(hs, lengths)
   return carry, (hs if time_major else jnp.swapaxes(hs, 0, 1))

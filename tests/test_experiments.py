@@ -298,7 +298,10 @@ def test_kernel_calls_times_the_kernels_alone():
   assert 0 < fwd_best <= fwd_median and 0 < both_best <= both_median
 
 
-def test_layout_ab_times_both_layouts_of_the_kernel_step():
+@pytest.mark.parametrize("compare,names", [
+    ("layout", ["batch-major, in place", "time-major, transposes"]),
+    ("padded", ["kernel, lengths", "JAX path, lengths"])])
+def test_kernel_ab_times_both_steps(compare, names):
   import re
 
   import bptt_jax
@@ -306,8 +309,8 @@ def test_layout_ab_times_both_layouts_of_the_kernel_step():
   if bptt_jax.kernels().library is None:
     pytest.skip(f"the CPU kernels are not built here: {bptt_jax.kernels().reason}")
   proc = subprocess.run(
-      [sys.executable, "-m", "bench.layout_ab", "--cell", "lstm", "--config", "tiny",
-       "--mode", "train", "--reps", "3"],
+      [sys.executable, "-m", "bench.kernel_ab", "--compare", compare, "--cell", "lstm",
+       "--config", "tiny", "--mode", "train", "--reps", "3"],
       capture_output=True, text=True, timeout=600, cwd=os.path.join(ROOT, "experiments"))
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   lines = proc.stdout.strip().splitlines()[-3:]
@@ -315,7 +318,7 @@ def test_layout_ab_times_both_layouts_of_the_kernel_step():
   rows = [re.fullmatch(r"  (.+?) +median +([\d.]+) ms   ratio ([\d.]+) \[([\d.]+), ([\d.]+)\]",
                        line) for line in lines[1:]]
   assert all(rows), lines
-  assert [r.group(1) for r in rows] == ["batch-major, in place", "time-major, transposes"]
+  assert [r.group(1) for r in rows] == names
   first, second = ([float(x) for x in r.groups()[1:]] for r in rows)
   assert first[1:] == [1.0, 1.0, 1.0]  # each round's ratio to itself
   assert first[0] > 0 and second[0] > 0 and second[2] <= second[1] <= second[3]

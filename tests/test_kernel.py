@@ -270,6 +270,68 @@ def test_second_derivatives_equal_autodiff(name, family):
   _close(kernel, hvp(fused=False)(*args))
 
 
+def _padded(name, B, T, D, H, time_major, seed=5):
+  """A batch padded past random lengths (0 and T among them) with NaN, its lengths, and
+  the same batch padded with zeros."""
+  cell, params, xs, carry, cot = _setup(name, B, T, D, H, seed=seed)
+  rng = np.random.default_rng(seed)
+  lengths = np.r_[0, T, rng.integers(1, T, B - 2)].astype(np.int32)
+  pad = np.arange(T)[None, :, None] >= lengths[:, None, None]  # [B, T, 1]
+  nan_padded = jnp.where(pad, jnp.nan, xs)
+  zero_padded = jnp.where(pad, 0.0, xs)
+  if time_major:
+    nan_padded, zero_padded, cot = (jnp.swapaxes(a, 0, 1) for a in (nan_padded, zero_padded, cot))
+  return cell, params, nan_padded, zero_padded, jnp.asarray(lengths), carry, cot
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", list(CELLS))
+@pytest.mark.parametrize("time_major,reverse,shape", [
+    (False, False, (4, 9, 3, 17)), (False, False, (6, 5, 2, 41)), (True, False, (4, 9, 3, 17)),
+    (False, True, (4, 9, 3, 17)), (True, True, (6, 5, 2, 41))])
+def test_lengths_equal_the_jax_paths(name, time_major, reverse, shape):
+  # Padded batches: past each sequence's end the states stay, the outputs are zero and
+  # the padding (NaN here) reaches nothing; the written-out kernels take the lengths.
+  cell, params, xs, zero_padded, lengths, carry, cot = _padded(name, *shape, time_major)
+  loss = _loss(cell, lengths=lengths, time_major=time_major, reverse=reverse)
+  with bj.use_kernels("fused"):
+    assert _uses_kernel(jax.grad(lambda *a: loss(*a)[0], argnums=(0, 1, 2)), params, xs, carry,
+                        cot, family="fused")
+    kernel = _run(loss, params, xs, carry, cot)
+    zeros = _run(loss, params, zero_padded, carry, cot)
+  with bj.use_kernels(False):
+    fused = _run(loss, params, xs, carry, cot)
+  autodiff = _run(_loss(cell, lengths=lengths, time_major=time_major, reverse=reverse,
+                        fused=False), params, xs, carry, cot)
+  _close(kernel, fused)
+  _close(kernel, autodiff)
+  for a, b in zip(jax.tree_util.tree_leaves(kernel), jax.tree_util.tree_leaves(zeros)):
+    np.testing.assert_array_equal(a, b)  # NaN padding: bit for bit zero padding's
+  d_xs = np.asarray(kernel[1][1])
+  pad = np.arange(shape[1])[None, :] >= np.asarray(lengths)[:, None]  # [B, T]
+  np.testing.assert_array_equal(d_xs[pad.T if time_major else pad], 0.0)
+  hs = np.asarray(kernel[0][1][1])
+  np.testing.assert_array_equal(hs[pad.T if time_major else pad], 0.0)
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", ["lstm", "gru"])
+def test_second_derivatives_with_lengths_equal_autodiff(name):
+  cell, params, xs, _, lengths, carry, cot = _padded(name, 4, 6, 3, 9, False, seed=6)
+  loss = lambda *a, **kw: _loss(cell, lengths=lengths, **kw)(*a)[0]  # noqa: E731
+
+  def hvp(**kw):
+    def directional(params, carry):
+      g = jax.grad(loss, argnums=(0, 2))(params, xs, carry, cot, **kw)
+      return sum(jnp.sum(jnp.sin(a)) for a in jax.tree_util.tree_leaves(g))
+    return jax.jit(jax.grad(directional, argnums=(0, 1)))
+
+  with bj.use_kernels("fused"):
+    assert _uses_kernel(hvp(), params, carry, family="fused")
+    kernel = hvp()(params, carry)
+  _close(kernel, hvp(fused=False)(params, carry))
+
+
 @needs_kernels
 def test_onednn_calls_refuse_batch_major_sequences():
   # unroll gives the oneDNN family time-major sequences only; a call that says otherwise
@@ -277,7 +339,8 @@ def test_onednn_calls_refuse_batch_major_sequences():
   W, U, b = jnp.ones((3, 8)), jnp.ones((8, 8)), jnp.ones((8,))
   xs, h0, c0 = jnp.ones((2, 5, 3)), jnp.ones((2, 8)), jnp.zeros((0,))
   with pytest.raises(Exception, match="time-major"):
-    jax.block_until_ready(_kernel._forward(("bptt_rnn", 0, True), False, W, U, b, xs, h0, c0))
+    jax.block_until_ready(_kernel._forward(("bptt_rnn", 0, True), False, W, U, b, xs, h0, c0,
+                                           jnp.zeros((0,), jnp.int32)))
 
 
 @needs_kernels
@@ -289,15 +352,21 @@ def test_forward_mode_is_refused_as_for_any_custom_vjp():
 
 
 @needs_kernels
-@pytest.mark.parametrize("case", ["lengths", "layer_norm", "bfloat16", "fused_false", "hoist"])
+@pytest.mark.parametrize("case", ["mask", "layer_norm", "bfloat16", "fused_false", "hoist",
+                                  "remat", "onednn_lengths"])
 def test_kernel_applies_only_where_it_can(case):
   B, T, D, H = 3, 6, 4, 8
   cell = bj.lstm(H, layer_norm=case == "layer_norm")
   params = cell.init(jax.random.key(0), D)
   xs = jax.random.normal(jax.random.key(1), (B, T, D))
-  kwargs = {"lengths": dict(lengths=jnp.array([6, 2, 4])), "layer_norm": {},
-            "bfloat16": dict(dtype=jnp.bfloat16), "fused_false": dict(fused=False),
-            "hoist": dict(fused=False, hoist=True)}[case]
+  kwargs = {"mask": dict(mask=jnp.broadcast_to(jnp.arange(T) % 2 == 0, (B, T))),
+            "layer_norm": {}, "bfloat16": dict(dtype=jnp.bfloat16),
+            "fused_false": dict(fused=False), "hoist": dict(fused=False, hoist=True),
+            "remat": dict(remat=2), "onednn_lengths": dict(lengths=jnp.array([6, 2, 4]))}[case]
+  if case == "onednn_lengths":  # oneDNN's kernels take no lengths: the JAX path runs
+    with bj.use_kernels("rnn"):
+      assert not _uses_kernel(lambda p, x: bj.unroll(cell, p, x, **kwargs)[1], params, xs)
+    return
   assert not _uses_kernel(lambda p, x: bj.unroll(cell, p, x, **kwargs)[1], params, xs)
 
 

@@ -12,7 +12,10 @@
 // G*H], bias [G'*H], the gate blocks in oneDNN's order: (i, f, g, o) for the
 // LSTM, (z, r, n) and a fourth bias block b_hn for the GRU (linear before
 // reset); c0 and c_T are empty except for the LSTM. `kind` is 0 (tanh RNN), 1
-// (ReLU RNN), 2 (LSTM) or 3 (GRU).
+// (ReLU RNN), 2 (LSTM) or 3 (GRU). With lengths (int32 [B]; empty: none), a step
+// past a sequence's end keeps its states (selected from the step before), writes
+// zeros to hs, and in the backward pass has zero gate gradients and hands dh (and dc)
+// on unchanged; its inputs must be finite (the caller zeros them).
 //
 // Gates, saved activations and gate gradients over the whole sequence are arrays
 // [rows, T*B]: a row per (gate, unit), step t's batch in columns t*B .. t*B + B - 1.
@@ -393,9 +396,22 @@ void Steps(const Blocks& blk, int64_t T, StepBarrier& barrier, Step step) {
   }
 }
 
+// Whether step t of each sequence is one of its own (t < lengths[b]), as 1 or 0, into
+// live [B]; all ones without lengths. Returns whether any sequence has ended by step t.
+bool LiveSteps(const int32_t* lengths, int64_t t, int64_t B, float* live) {
+  bool ended = false;
+  for (int64_t b = 0; b < B; ++b) {
+    const bool on = lengths == nullptr || t < lengths[b];
+    live[b] = on ? 1.0f : 0.0f;
+    ended |= !on;
+  }
+  return ended;
+}
+
 void Forward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, const float* h0,
-             const float* c0, const float* W, const float* U, const float* bias, float* hs,
-             float* h_t, float* c_t, float* saved, float* cells, bool training) {
+             const float* c0, const float* W, const float* U, const float* bias,
+             const int32_t* lengths, float* hs, float* h_t, float* c_t, float* saved,
+             float* cells, bool training) {
   const int64_t T = s.T, B = s.B, D = s.D, H = s.H, G = Gates(kind), S = Saved(kind);
   const int64_t GH = G * H, TB = T * B, ldt = Ld(TB), ldd = Ld(D), ldh = Ld(H);
   float* Wp = static_cast<float*>(Kept(kPackedW, sizeof(float) * GH * ldd));
@@ -447,6 +463,7 @@ void Forward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, c
     barrier.SetThreads(omp_get_num_threads());
     const int64_t most = (H + blk.n - 1) / blk.n + 1;
     std::vector<float> px(hoisted ? 0 : G * most * B), ph(kind == kGru ? G * most * B : 0);
+    std::vector<float> live(B);
     const int64_t nthr = omp_get_num_threads(), tid = omp_get_thread_num();
     for (int64_t k = tid; k < blk.n; k += nthr) {  // this thread's blocks' panels
       const int64_t r0 = G * blk.Start(k), rows = G * blk.Size(k), at = PanelRow(blk, G, k);
@@ -457,6 +474,9 @@ void Forward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, c
       const int64_t r0 = G * j0, at = PanelRow(blk, G, k);
       const float* h_prev = h_slots + ((t + 1) % 2) * H * B;  // [H, B]
       float* h_next = h_slots + (t % 2) * H * B;
+      // Where a sequence has ended (lengths), its states stay and its output is zero.
+      const bool ended = LiveSteps(lengths, t, B, live.data());
+      const float* on = live.data();
       // this block's gates at step t
       float* gt = hoisted ? saved + r0 * ldt + t * B : px.data();
       if (!hoisted)  // W_p x_t^T
@@ -489,8 +509,8 @@ void Forward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, c
             const float g = Tanh(gg[b] + bg), o = Sigmoid(go[b] + bo);
             const float c = f * c_prev[b] + i * g;
             gi[b] = i, gf[b] = f, gg[b] = g, go[b] = o;
-            c_row[b] = c;
-            h_row[b] = o * Tanh(c);
+            c_row[b] = on[b] != 0.0f ? c : c_prev[b];
+            h_row[b] = on[b] != 0.0f ? o * Tanh(c) : h_prev[j * B + b];
           }
         } else if (kind == kGru) {
           const float* xz = gt + (0 * hb + u) * ldr;
@@ -514,36 +534,45 @@ void Forward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, c
             const float n = Tanh(xn[b] + bn + r * hn);
             const float h = (1.0f - z) * n + z * hpt[b];
             if (training) sz[b] = z, sr[b] = r, sn[b] = n, shn[b] = hn;
-            h_row[b] = h;
+            h_row[b] = on[b] != 0.0f ? h : hpt[b];
           }
         } else {
           const float* a = gt + u * ldr;
           const float bj = bp[r0 + u];
+          const float* hpt = h_prev + j * B;
           if (kind == kRnnTanh) {
 #pragma omp simd
-            for (int64_t b = 0; b < B; ++b) h_row[b] = Tanh(a[b] + bj);
+            for (int64_t b = 0; b < B; ++b) h_row[b] = on[b] != 0.0f ? Tanh(a[b] + bj) : hpt[b];
           } else {
 #pragma omp simd
-            for (int64_t b = 0; b < B; ++b) h_row[b] = std::max(a[b] + bj, 0.0f);
+            for (int64_t b = 0; b < B; ++b)
+              h_row[b] = on[b] != 0.0f ? std::max(a[b] + bj, 0.0f) : hpt[b];
           }
         }
       }
       for (int64_t j = j0; j < j0 + hb; ++j) BlockRow(h_next + j * B, B, H, j, hb_next);
       Transpose(h_next + j0 * B, hb, B, B, hs + t * s.Step(H) + j0, s.Row(H));
+      if (ended)
+        for (int64_t b = 0; b < B; ++b)
+          if (on[b] == 0.0f) std::fill_n(hs + t * s.Step(H) + b * s.Row(H) + j0, hb, 0.0f);
     });
   }
-  for (int64_t b = 0; b < B; ++b)
-    std::memcpy(h_t + b * H, hs + (T - 1) * s.Step(H) + b * s.Row(H), sizeof(float) * H);
+  Transpose(h_slots + ((T - 1) % 2) * H * B, H, B, B, h_t, H);
   if (kind == kLstm) Transpose(cells + (T % cell_steps) * H * B, H, B, B, c_t, H);
 }
 
 void Backward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, const float* h0,
-              const float* W, const float* U, const float* hs, const float* saved,
-              const float* cells, const float* dhs, const float* dh_t, const float* dc_t,
-              float* dxs, float* dh0, float* dc0, float* dW, float* dU, float* dbias) {
+              const float* W, const float* U, const int32_t* lengths, const float* hs,
+              const float* saved, const float* cells, const float* dhs, const float* dh_t,
+              const float* dc_t, float* dxs, float* dh0, float* dc0, float* dW, float* dU,
+              float* dbias) {
   const int64_t T = s.T, B = s.B, D = s.D, H = s.H, TB = T * B, G = Gates(kind), S = Saved(kind);
   const int64_t GH = G * H, ldt = Ld(TB), ldg = Ld(GH), ldd = Ld(D), ldh = Ld(H);
   const bool two = kind == kGru;  // separate input-side and recurrent-side gate gradients
+  // With lengths, a step past a sequence's end passes dh (and the LSTM's dc) straight to
+  // the step before, and its gate gradients are zero: the rows of dh_next then hold that
+  // direct path before the step's GEMM adds U's, as the GRU's always do.
+  const bool direct = two || lengths != nullptr;
   // U with its columns in block order, [H, G*H]: dh_{t-1}^T = U_p dgates_t.
   float* Up = static_cast<float*>(Kept(kPackedU, sizeof(float) * H * ldg));
   PackColumns(blk, G, U, Up, ldg);
@@ -569,7 +598,7 @@ void Backward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, 
 #pragma omp single
     barrier.SetThreads(omp_get_num_threads());
     const int64_t most = (H + blk.n - 1) / blk.n + 1;
-    std::vector<float> dh_out(most * B), h_own(most * B);
+    std::vector<float> dh_out(most * B), h_own(most * B), live(B);
     const int64_t nthr = omp_get_num_threads(), tid = omp_get_thread_num();
     for (int64_t k = tid; k < blk.n; k += nthr)  // this thread's blocks' panels
       PackPanels(Up + blk.Start(k) * ldg, ldg, blk.Size(k), GH, Upn + PanelRow(blk, 1, k) * GH);
@@ -581,6 +610,8 @@ void Backward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, 
         float* dh = dgh + r0 * ldt + t * B;
         if (dhs != nullptr)
           Transpose(dhs + t * s.Step(H) + j0, B, hb, s.Row(H), dh_out.data(), B);
+        LiveSteps(lengths, t, B, live.data());
+        const float* on = live.data();
         if (t > 0) {  // the previous step's rows, while this one computes
           if (S > 0) PrefetchRows(st - B, S * hb, ldt, B);
           PrefetchRows(dx - B, G * hb, ldt, B);
@@ -612,13 +643,15 @@ void Backward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, 
             for (int64_t b = 0; b < B; ++b) {
               const float i = gi[b], f = gf[b], g = gg[b], o = go[b];
               const float tc = Tanh(c_row[b]);
-              const float d = dho[b] + dh_row[b];
+              const bool live_b = on[b] != 0.0f;
+              const float d = live_b ? dho[b] + dh_row[b] : dh_row[b];
               const float dc = dc_row[b] + d * o * (1.0f - tc * tc);
-              di[b] = dc * g * i * (1.0f - i);
-              df[b] = dc * c_prev[b] * f * (1.0f - f);
-              dg[b] = dc * i * (1.0f - g * g);
-              do_[b] = d * tc * o * (1.0f - o);
-              dc_row[b] = dc * f;
+              di[b] = live_b ? dc * g * i * (1.0f - i) : 0.0f;
+              df[b] = live_b ? dc * c_prev[b] * f * (1.0f - f) : 0.0f;
+              dg[b] = live_b ? dc * i * (1.0f - g * g) : 0.0f;
+              do_[b] = live_b ? d * tc * o * (1.0f - o) : 0.0f;
+              dc_row[b] = live_b ? dc * f : dc_row[b];
+              if (direct) dh_row[b] = live_b ? 0.0f : d;
             }
           } else if (kind == kGru) {
             const float* sz = st + (0 * hb + u) * ldt;
@@ -635,24 +668,26 @@ void Backward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, 
 #pragma omp simd
             for (int64_t b = 0; b < B; ++b) {
               const float z = sz[b], r = sr[b], n = sn[b];
-              const float d = dho[b] + dh_row[b];
-              const float dan = d * (1.0f - z) * (1.0f - n * n);
-              const float daz = d * (hp[b] - n) * z * (1.0f - z);
-              const float dar = dan * shn[b] * r * (1.0f - r);
+              const bool live_b = on[b] != 0.0f;
+              const float d = live_b ? dho[b] + dh_row[b] : dh_row[b];
+              const float dan = live_b ? d * (1.0f - z) * (1.0f - n * n) : 0.0f;
+              const float daz = live_b ? d * (hp[b] - n) * z * (1.0f - z) : 0.0f;
+              const float dar = live_b ? dan * shn[b] * r * (1.0f - r) : 0.0f;
               dxz[b] = daz, dxr[b] = dar, dxn[b] = dan;
               dhz[b] = daz, dhr[b] = dar, dhn[b] = dan * r;
-              dh_row[b] = d * z;  // the direct path; the GEMM below adds U's
+              dh_row[b] = live_b ? d * z : d;  // the direct path; the GEMM below adds U's
             }
           } else {
             const float* h = h_own.data() + u * B;
             float* da = dx + u * ldt;
-            if (kind == kRnnTanh) {
+            const bool tanh = kind == kRnnTanh;
 #pragma omp simd
-              for (int64_t b = 0; b < B; ++b) da[b] = (dho[b] + dh_row[b]) * (1.0f - h[b] * h[b]);
-            } else {
-#pragma omp simd
-              for (int64_t b = 0; b < B; ++b)
-                da[b] = h[b] > 0.0f ? dho[b] + dh_row[b] : 0.0f;
+            for (int64_t b = 0; b < B; ++b) {
+              const bool live_b = on[b] != 0.0f;
+              const float d = dho[b] + dh_row[b];
+              const float grad = tanh ? d * (1.0f - h[b] * h[b]) : (h[b] > 0.0f ? d : 0.0f);
+              da[b] = live_b ? grad : 0.0f;
+              if (direct) dh_row[b] = live_b ? 0.0f : dh_row[b];
             }
           }
         }
@@ -663,7 +698,7 @@ void Backward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, 
       for (int64_t k = tid; k < blk.n; k += nthr) {
         const int64_t j0 = blk.Start(k), hb = blk.Size(k);
         PanelGemmBlocked(hb, B, GH, Upn + PanelRow(blk, 1, k) * GH, d_blocked + (t % 2) * dbf,
-                         two ? 1.0f : 0.0f, dh_next + j0 * B, B);
+                         direct ? 1.0f : 0.0f, dh_next + j0 * B, B);
       }
       // No barrier: the next step's element-wise part reads only this thread's rows of
       // dh_next and writes another step's gate gradients than the GEMMs read.
@@ -718,24 +753,33 @@ float* Floats(ffi::ResultBuffer<ffi::U8>& buffer) {
   return reinterpret_cast<float*>(buffer->typed_data());
 }
 
-ffi::Error CheckArgs(const char* who, const Shape& s, int64_t kind) {
+ffi::Error CheckArgs(const char* who, const Shape& s, int64_t kind,
+                     ffi::Buffer<ffi::S32>& lengths) {
   if (kind < kRnnTanh || kind > kGru)
     return ffi::Error::InvalidArgument(std::string(who) + ": kind must be 0..3, got " +
                                        std::to_string(kind));
   if (s.T <= 0 || s.B <= 0 || s.H <= 0)
     return ffi::Error::InvalidArgument(std::string(who) + ": empty shapes are not supported");
+  if (lengths.element_count() != 0 && lengths.element_count() != static_cast<size_t>(s.B))
+    return ffi::Error::InvalidArgument(std::string(who) + ": lengths must be empty or [B]");
   return ffi::Error::Success();
+}
+
+// The lengths [B], or nullptr where every sequence runs all T steps (empty lengths).
+const int32_t* LengthsOrNone(ffi::Buffer<ffi::S32>& lengths) {
+  return lengths.element_count() == 0 ? nullptr : lengths.typed_data();
 }
 
 ffi::Error ForwardHandler(int64_t batch_major, int64_t kind, int64_t training,
                           ffi::Buffer<ffi::F32> xs,
                           ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0,
                           ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> u,
-                          ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> hs,
+                          ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::S32> lengths,
+                          ffi::ResultBuffer<ffi::F32> hs,
                           ffi::ResultBuffer<ffi::F32> h_t, ffi::ResultBuffer<ffi::F32> c_t,
                           ffi::ResultBuffer<ffi::U8> workspace) {
   const Shape s = ShapeOf(xs, h0, batch_major);
-  if (auto err = CheckArgs("bptt_fused_forward", s, kind); err.failure()) return err;
+  if (auto err = CheckArgs("bptt_fused_forward", s, kind, lengths); err.failure()) return err;
   return Guarded("bptt_fused_forward", [&]() -> ffi::Error {
     const Blocks blk{BlockCount(s.H), s.H};
     const int64_t floats = training ? WorkspaceFloats(kind, s.T, s.B, s.H)
@@ -757,8 +801,8 @@ ffi::Error ForwardHandler(int64_t batch_major, int64_t kind, int64_t training,
     float* saved = training ? base + kHeader : nullptr;
     float* cells = training ? saved + Saved(kind) * s.H * Ld(s.T * s.B) : base + kHeader;
     Forward(kind, s, blk, xs.typed_data(), h0.typed_data(), c0.typed_data(), w.typed_data(),
-            u.typed_data(), bias.typed_data(), hs->typed_data(), h_t->typed_data(),
-            c_t->typed_data(), saved, cells, training != 0);
+            u.typed_data(), bias.typed_data(), LengthsOrNone(lengths), hs->typed_data(),
+            h_t->typed_data(), c_t->typed_data(), saved, cells, training != 0);
     return ffi::Error::Success();
   });
 }
@@ -770,12 +814,13 @@ ffi::Error BackwardHandler(int64_t batch_major, int64_t kind, ffi::Buffer<ffi::F
                            ffi::Buffer<ffi::F32> hs, ffi::Buffer<ffi::F32> h_t,
                            ffi::Buffer<ffi::F32> c_t, ffi::Buffer<ffi::U8> workspace,
                            ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> dh_t,
-                           ffi::Buffer<ffi::F32> dc_t, ffi::ResultBuffer<ffi::F32> dxs,
+                           ffi::Buffer<ffi::F32> dc_t, ffi::Buffer<ffi::S32> lengths,
+                           ffi::ResultBuffer<ffi::F32> dxs,
                            ffi::ResultBuffer<ffi::F32> dh0, ffi::ResultBuffer<ffi::F32> dc0,
                            ffi::ResultBuffer<ffi::F32> dw, ffi::ResultBuffer<ffi::F32> du,
                            ffi::ResultBuffer<ffi::F32> dbias) {
   const Shape s = ShapeOf(xs, h0, batch_major);
-  if (auto err = CheckArgs("bptt_fused_backward", s, kind); err.failure()) return err;
+  if (auto err = CheckArgs("bptt_fused_backward", s, kind, lengths); err.failure()) return err;
   return Guarded("bptt_fused_backward", [&]() -> ffi::Error {
     const float* base = reinterpret_cast<const float*>(workspace.typed_data());
     const Blocks blk{static_cast<int64_t>(base[0]), s.H};
@@ -786,7 +831,7 @@ ffi::Error BackwardHandler(int64_t batch_major, int64_t kind, ffi::Buffer<ffi::F
     const float* dhs_or_zero = dhs.element_count() == 0 ? nullptr : dhs.typed_data();
     float* dxs_or_none = dxs->element_count() == 0 ? nullptr : dxs->typed_data();
     Backward(kind, s, blk, xs.typed_data(), h0.typed_data(), w.typed_data(), u.typed_data(),
-             hs.typed_data(), saved, cells, dhs_or_zero, dh_t.typed_data(),
+             LengthsOrNone(lengths), hs.typed_data(), saved, cells, dhs_or_zero, dh_t.typed_data(),
              dc_t.typed_data(), dxs_or_none, dh0->typed_data(), dc0->typed_data(),
              dw->typed_data(), du->typed_data(), dbias->typed_data());
     return ffi::Error::Success();

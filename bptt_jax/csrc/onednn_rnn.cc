@@ -167,11 +167,13 @@ Key KeyOf(int64_t kind, ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& h0) {
   return Key{kind, x[0], x[1], x[2], h0.dimensions()[1]};
 }
 
-ffi::Error CheckKind(int64_t kind, int64_t batch_major) {
+ffi::Error CheckKind(int64_t kind, int64_t batch_major, ffi::Buffer<ffi::S32>& lengths) {
   if (kind < kRnnTanh || kind > kGru)
     return ffi::Error::InvalidArgument("bptt_rnn: kind must be 0..3, got " + std::to_string(kind));
   if (batch_major != 0)
     return ffi::Error::InvalidArgument("bptt_rnn: the oneDNN kernels take time-major sequences");
+  if (lengths.element_count() != 0)
+    return ffi::Error::InvalidArgument("bptt_rnn: the oneDNN kernels take no lengths");
   return ffi::Error::Success();
 }
 
@@ -198,9 +200,10 @@ std::unordered_map<int, memory> Args(const Plan& p, const dnnl::primitive_desc& 
 ffi::Error Forward(int64_t batch_major, int64_t kind, int64_t training, ffi::Buffer<ffi::F32> xs,
                    ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::F32> w,
                    ffi::Buffer<ffi::F32> u, ffi::Buffer<ffi::F32> bias,
-                   ffi::ResultBuffer<ffi::F32> hs, ffi::ResultBuffer<ffi::F32> h_t,
+                   ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::F32> hs,
+                   ffi::ResultBuffer<ffi::F32> h_t,
                    ffi::ResultBuffer<ffi::F32> c_t, ffi::ResultBuffer<ffi::U8> workspace) {
-  if (auto err = CheckKind(kind, batch_major); err.failure()) return err;
+  if (auto err = CheckKind(kind, batch_major, lengths); err.failure()) return err;
   return Guarded("bptt_rnn_forward (oneDNN)", [&]() -> ffi::Error {
     Plan& p = GetPlan(KeyOf(kind, xs, h0));
     const auto& pd = training ? p.train_pd : p.infer_pd;
@@ -234,10 +237,11 @@ ffi::Error Backward(int64_t batch_major, int64_t kind, ffi::Buffer<ffi::F32> xs,
                     ffi::Buffer<ffi::F32> h_t, ffi::Buffer<ffi::F32> c_t,
                     ffi::Buffer<ffi::U8> workspace, ffi::Buffer<ffi::F32> dhs,
                     ffi::Buffer<ffi::F32> dh_t, ffi::Buffer<ffi::F32> dc_t,
-                    ffi::ResultBuffer<ffi::F32> dxs, ffi::ResultBuffer<ffi::F32> dh0,
+                    ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::F32> dxs,
+                    ffi::ResultBuffer<ffi::F32> dh0,
                     ffi::ResultBuffer<ffi::F32> dc0, ffi::ResultBuffer<ffi::F32> dw,
                     ffi::ResultBuffer<ffi::F32> du, ffi::ResultBuffer<ffi::F32> dbias) {
-  if (auto err = CheckKind(kind, batch_major); err.failure()) return err;
+  if (auto err = CheckKind(kind, batch_major, lengths); err.failure()) return err;
   return Guarded("bptt_rnn_backward (oneDNN)", [&]() -> ffi::Error {
     Plan& p = GetPlan(KeyOf(kind, xs, h0));
     const auto& pd = p.backward_pd;

@@ -1,9 +1,13 @@
 // The two XLA FFI calls that each family of whole-sequence kernels implements:
 //
-//   forward(xs, h0, c0, W, U, bias; batch_major, kind, training)
+//   forward(xs, h0, c0, W, U, bias, lengths; batch_major, kind, training)
 //       -> (hs, h_T, c_T, workspace)
-//   backward(xs, h0, c0, W, U, bias, hs, h_T, c_T, workspace, dhs, dh_T, dc_T;
+//   backward(xs, h0, c0, W, U, bias, hs, h_T, c_T, workspace, dhs, dh_T, dc_T, lengths;
 //            batch_major, kind) -> (dxs, dh0, dc0, dW, dU, dbias)
+//
+// lengths is int32 [B] (each sequence's steps: past its end its states stay, its
+// outputs are zero and its inputs must be finite; the written-out kernels only) or
+// empty (every sequence runs all T steps).
 //
 // Every array is float32 (the workspace bytes) in the layouts that
 // bptt_jax/_kernel.py passes: sequences time-major [T, B, C] (batch_major = 0) or
@@ -31,6 +35,7 @@ inline auto ForwardBinding() {
       .Arg<ffi::Buffer<ffi::F32>>()   // W
       .Arg<ffi::Buffer<ffi::F32>>()   // U
       .Arg<ffi::Buffer<ffi::F32>>()   // bias
+      .Arg<ffi::Buffer<ffi::S32>>()   // lengths
       .Ret<ffi::Buffer<ffi::F32>>()   // hs
       .Ret<ffi::Buffer<ffi::F32>>()   // h_T
       .Ret<ffi::Buffer<ffi::F32>>()   // c_T
@@ -55,6 +60,7 @@ inline auto BackwardBinding() {
       .Arg<ffi::Buffer<ffi::F32>>()   // dhs
       .Arg<ffi::Buffer<ffi::F32>>()   // dh_T
       .Arg<ffi::Buffer<ffi::F32>>()   // dc_T
+      .Arg<ffi::Buffer<ffi::S32>>()   // lengths
       .Ret<ffi::Buffer<ffi::F32>>()   // dxs
       .Ret<ffi::Buffer<ffi::F32>>()   // dh0
       .Ret<ffi::Buffer<ffi::F32>>()   // dc0

@@ -50,7 +50,8 @@ def main():
 
   bias_rows = 4 if args.cell == "gru" else G  # the GRU's fourth row: b_hn
   inputs = (normal(D, G * H), normal(H, G * H), normal(bias_rows * H), normal(T, B, D),
-            normal(B, H), normal(B, H) if args.cell == "lstm" else jnp.zeros((0,), jnp.float32))
+            normal(B, H), normal(B, H) if args.cell == "lstm" else jnp.zeros((0,), jnp.float32),
+            jnp.zeros((0,), jnp.int32))  # no lengths: every sequence runs all T steps
   dhs = normal(T, B, H)
   config = (f"bptt_{args.family}", kind, False)  # time-major
 
