@@ -509,9 +509,12 @@ void Forward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, c
             const float g = Tanh(gg[b] + bg), o = Sigmoid(go[b] + bo);
             const float c = f * c_prev[b] + i * g;
             gi[b] = i, gf[b] = f, gg[b] = g, go[b] = o;
-            c_row[b] = on[b] != 0.0f ? c : c_prev[b];
-            h_row[b] = on[b] != 0.0f ? o * Tanh(c) : h_prev[j * B + b];
+            c_row[b] = c;
+            h_row[b] = o * Tanh(c);
           }
+          if (ended)  // the states of the sequences that have ended stay
+            for (int64_t b = 0; b < B; ++b)
+              if (on[b] == 0.0f) c_row[b] = c_prev[b], h_row[b] = h_prev[j * B + b];
         } else if (kind == kGru) {
           const float* xz = gt + (0 * hb + u) * ldr;
           const float* xr = gt + (1 * hb + u) * ldr;
@@ -534,20 +537,24 @@ void Forward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, c
             const float n = Tanh(xn[b] + bn + r * hn);
             const float h = (1.0f - z) * n + z * hpt[b];
             if (training) sz[b] = z, sr[b] = r, sn[b] = n, shn[b] = hn;
-            h_row[b] = on[b] != 0.0f ? h : hpt[b];
+            h_row[b] = h;
           }
+          if (ended)
+            for (int64_t b = 0; b < B; ++b)
+              if (on[b] == 0.0f) h_row[b] = hpt[b];
         } else {
           const float* a = gt + u * ldr;
           const float bj = bp[r0 + u];
-          const float* hpt = h_prev + j * B;
           if (kind == kRnnTanh) {
 #pragma omp simd
-            for (int64_t b = 0; b < B; ++b) h_row[b] = on[b] != 0.0f ? Tanh(a[b] + bj) : hpt[b];
+            for (int64_t b = 0; b < B; ++b) h_row[b] = Tanh(a[b] + bj);
           } else {
 #pragma omp simd
-            for (int64_t b = 0; b < B; ++b)
-              h_row[b] = on[b] != 0.0f ? std::max(a[b] + bj, 0.0f) : hpt[b];
+            for (int64_t b = 0; b < B; ++b) h_row[b] = std::max(a[b] + bj, 0.0f);
           }
+          if (ended)
+            for (int64_t b = 0; b < B; ++b)
+              if (on[b] == 0.0f) h_row[b] = h_prev[j * B + b];
         }
       }
       for (int64_t j = j0; j < j0 + hb; ++j) BlockRow(h_next + j * B, B, H, j, hb_next);
