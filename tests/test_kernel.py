@@ -91,8 +91,8 @@ def _cases(shapes):
   # (time_major=True) as they come: both layouts.
   return ([_case(name, family, shape) for name, family in KERNELS for shape in shapes]
           + [_case(name, "fused", shape, True) for name in CELLS for shape in shapes[1:3]]
-          + [_case(name, "fused", shape, t) for name in CELLS for shape in FUSED_SHAPES
-             for t in (False, True)])
+          + [_case(name, "fused", shape) for name in CELLS for shape in FUSED_SHAPES]
+          + [_case(name, "fused", FUSED_SHAPES[1], True) for name in CELLS])
 
 
 @needs_kernels
@@ -301,10 +301,9 @@ def test_lengths_equal_the_jax_paths(name, time_major, reverse, shape):
     zeros = _run(loss, params, zero_padded, carry, cot)
   with bj.use_kernels(False):
     fused = _run(loss, params, xs, carry, cot)
-  autodiff = _run(_loss(cell, lengths=lengths, time_major=time_major, reverse=reverse,
-                        fused=False), params, xs, carry, cot)
   _close(kernel, fused)
-  _close(kernel, autodiff)
+  if not (time_major or reverse):  # autodiff too, once per cell and shape
+    _close(kernel, _run(_loss(cell, lengths=lengths, fused=False), params, xs, carry, cot))
   for a, b in zip(jax.tree_util.tree_leaves(kernel), jax.tree_util.tree_leaves(zeros)):
     np.testing.assert_array_equal(a, b)  # NaN padding: bit for bit zero padding's
   d_xs = np.asarray(kernel[1][1])
