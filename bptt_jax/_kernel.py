@@ -28,8 +28,9 @@ every array is float32, the shapes are not empty, no general ``mask`` is given
 has no layer norm and the fused path is chosen (``fused`` not ``False``,
 ``hoist`` not ``True``). The choice is made when a function is traced. The
 written-out kernels read batch-major ``[B, T, D]`` inputs and write ``[B, T, H]``
-in place (``unroll``'s default layout, without ``reverse``); otherwise the
-sequences go in time-major.
+in place (``unroll``'s default layout, without ``reverse``, for a single cell);
+otherwise the sequences go in time-major. A stack's layers run on the kernels
+without ``lengths`` only.
 """
 
 from __future__ import annotations

@@ -314,6 +314,40 @@ def test_lengths_equal_the_jax_paths(name, time_major, reverse, shape):
 
 
 @needs_kernels
+@pytest.mark.parametrize("name", list(CELLS))
+def test_lengths_in_inference_and_final_carry_only(name):
+  # Inference (nothing saved; the LSTM's cell states in two slots) with ended sequences,
+  # and the gradient of the final carry alone (no dhs read, no dxs computed).
+  cell, params, xs, _, lengths, carry, _ = _padded(name, 5, 8, 3, 41, False, seed=7)
+  run = lambda p, c, **kw: bj.unroll(cell, p, xs, carry=c, lengths=lengths, **kw)  # noqa: E731
+
+  def final(p, c, **kw):
+    return sum(jnp.sum(jnp.sin(leaf)) for leaf in jax.tree_util.tree_leaves(run(p, c, **kw)[0]))
+
+  with bj.use_kernels("fused"):
+    assert _uses_kernel(run, params, carry, family="fused")
+    kernel = jax.jit(run)(params, carry), jax.jit(jax.grad(final, argnums=(0, 1)))(params, carry)
+  with bj.use_kernels(False):
+    jax_path = jax.jit(run)(params, carry), jax.jit(jax.grad(final, argnums=(0, 1)))(params, carry)
+  _close(kernel, jax_path)
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", ["lstm", "gru", "rnn_relu"])
+def test_kernel_gives_no_input_gradient_past_the_lengths(name):
+  # The kernel's own dxs (unroll's selection around it would zero any value there).
+  cell, params, _, xs, lengths, carry, cot = _padded(name, 4, 6, 3, 17, False, seed=8)
+  with bj.use_kernels("fused"):
+    hs, vjp = jax.vjp(lambda x: _kernel.sequence(name, params, x, carry, batch_major=True,
+                                                 lengths=lengths)[1], xs)
+    (d_xs,) = vjp(cot)
+  pad = np.arange(6)[None, :] >= np.asarray(lengths)[:, None]
+  np.testing.assert_array_equal(np.asarray(d_xs)[pad], 0.0)
+  np.testing.assert_array_equal(np.asarray(hs)[pad], 0.0)
+  assert np.all(np.any(np.asarray(d_xs)[~pad] != 0.0, axis=-1))  # live steps do get one
+
+
+@needs_kernels
 @pytest.mark.parametrize("name", ["lstm", "gru"])
 def test_second_derivatives_with_lengths_equal_autodiff(name):
   cell, params, xs, _, lengths, carry, cot = _padded(name, 4, 6, 3, 9, False, seed=6)

@@ -1,9 +1,10 @@
 // Whole-sequence RNN, LSTM and GRU kernels for XLA:CPU, written out: one GEMM per step
 // and thread, the gates computed in place.
 //
-//   bptt_fused_forward(xs, h0, c0, W, U, bias) -> (hs, h_T, c_T, workspace)
-//   bptt_fused_backward(xs, h0, c0, W, U, bias, hs, h_T, c_T, workspace, dhs, dh_T, dc_T)
-//       -> (dxs, dh0, dc0, dW, dU, dbias)
+//   bptt_fused_forward(xs, h0, c0, W, U, bias, lengths; batch_major, kind, training)
+//       -> (hs, h_T, c_T, workspace)
+//   bptt_fused_backward(xs, h0, c0, W, U, bias, hs, h_T, c_T, workspace, dhs, dh_T, dc_T,
+//                       lengths; batch_major, kind) -> (dxs, dh0, dc0, dW, dU, dbias)
 //
 // The same calls and layouts as the oneDNN handlers (onednn_rnn.cc): float32,
 // time-major xs [T, B, D] and hs [T, B, H] (or, with batch_major = 1, [B, T, D] and
@@ -328,8 +329,8 @@ Shape ShapeOf(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& h0, int64_t batc
                      : Shape{x[0], x[1], x[2], h0.dimensions()[1], false};
 }
 
-// dst [T, B, C] = src [B, T, C] (to_time_major) or the other way round, for steps
-// [t0, t1) of the time-major side.
+// dst [t1 - t0, B, C] = steps [t0, t1) of src [B, T, C] (to_time_major), or the other
+// way round: steps [t0, t1) of dst [B, T, C] from src [t1 - t0, B, C].
 void Reorder(const float* src, int64_t T, int64_t B, int64_t C, bool to_time_major, float* dst,
              int64_t t0 = 0, int64_t t1 = -1) {
   if (t1 < 0) t1 = T;
@@ -340,7 +341,7 @@ void Reorder(const float* src, int64_t T, int64_t B, int64_t C, bool to_time_maj
     if (to_time_major)
       std::memcpy(dst + tm * C, src + bm * C, sizeof(float) * C);
     else
-      std::memcpy(dst + bm * C, src + (t * B + b) * C, sizeof(float) * C);
+      std::memcpy(dst + bm * C, src + tm * C, sizeof(float) * C);
   }
 }
 
@@ -681,7 +682,7 @@ void Backward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, 
               const float daz = live_b ? d * (hp[b] - n) * z * (1.0f - z) : 0.0f;
               const float dar = live_b ? dan * shn[b] * r * (1.0f - r) : 0.0f;
               dxz[b] = daz, dxr[b] = dar, dxn[b] = dan;
-              dhz[b] = daz, dhr[b] = dar, dhn[b] = dan * r;
+              dhz[b] = daz, dhr[b] = dar, dhn[b] = live_b ? dan * r : 0.0f;
               dh_row[b] = live_b ? d * z : d;  // the direct path; the GEMM below adds U's
             }
           } else {

@@ -235,12 +235,15 @@ def jax_stepper(case: JaxCase, fn: Callable | None = None) -> Callable[[], float
 
 def time_in_turn(steps: dict, reps: int) -> dict:
   """``{name: [ms, ...]}``: each ``step()`` warmed up once, then called in turn, one call
-  each per round, for ``reps`` rounds (so a drift in the machine's speed hits all alike)."""
+  each per round, for ``reps`` rounds (so a drift in the machine's speed hits all alike),
+  in the reverse order every other round (so what one call leaves the next does too)."""
+  if reps < 1:
+    raise ValueError(f"reps must be at least 1, got {reps}")
   for step in steps.values():
     step()
   times = {name: [] for name in steps}
-  for _ in range(reps):
-    for name, step in steps.items():
+  for r in range(reps):
+    for name, step in (list(steps.items())[::-1] if r % 2 else steps.items()):
       start = time.perf_counter()
       step()
       times[name].append((time.perf_counter() - start) * 1e3)

@@ -59,6 +59,8 @@ def compiled_step(cell: str, config: str, mode: str, *, kernels=True, time_major
       fn = case.fn.lower(case.state, case.batch).compile()
   finally:
     bj.unroll = unroll
+  if ("bptt_fused_forward" in fn.as_text()) != bool(kernels):
+    raise SystemExit(f"{cell}/{config}: the step {'lacks' if kernels else 'has'} the kernel")
   return jax_stepper(case, fn)
 
 
