@@ -228,7 +228,7 @@ def _by_unroll(name, fused_sequence):
     if _kernel.usable(name, params, xs, carry, mask):
       return _kernel.sequence(name, params, xs, carry)
     return fused_sequence(unroll, params, xs, carry, mask)
-  sequence.kernel = name  # unroll runs batch-major inputs straight through it where it can
+  sequence.kernel = name  # the kernel that unroll calls itself where one applies
   return sequence
 
 
