@@ -53,6 +53,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
+from bptt_jax._common import length_mask
+
 Array = jax.Array
 
 _CSRC = Path(__file__).parent / "csrc"
@@ -463,8 +465,7 @@ def _reference(config, W, U, b, xs, h0, c0, lengths):
   swap = (lambda a: jnp.swapaxes(a, 0, 1)) if batch_major else (lambda a: a)  # noqa: E731
   xs_tm = swap(xs)
   T, B = xs_tm.shape[:2]
-  live = (jnp.arange(T)[:, None] < lengths[None, :] if lengths.size
-          else jnp.ones((T, B), bool))[..., None]
+  live = (length_mask(lengths, T).T if lengths.size else jnp.ones((T, B), bool))[..., None]
   (h_T, c_T), hs = jax.lax.scan(step, (h0, c0 if lstm else jnp.zeros_like(h0)), (xs_tm, live))
   return swap(hs), h_T, c_T if lstm else jnp.zeros_like(c0)
 
