@@ -276,6 +276,20 @@ def test_benchmark_ratios_pair_runs_with_the_same_allocator(monkeypatch):
   assert by_impl["bptt_jax_malloc"]["ratio_flax"] == pytest.approx(0.5)
 
 
+def test_stepper_refuses_an_environment_it_cannot_set(monkeypatch):
+  # An implementation's environment is read at start-up or at trace time: a step built
+  # in a process without it would silently measure another path.
+  monkeypatch.syspath_prepend(os.path.join(ROOT, "experiments"))
+  from bench import cases
+
+  monkeypatch.delenv("BPTT_JAX_KERNELS", raising=False)
+  with pytest.raises(ValueError, match="BPTT_JAX_KERNELS=fused.*BPTT_JAX_KERNELS unset"):
+    cases.stepper("bptt_jax_kernel", "lstm", cases.QUICK_CONFIGS["tiny"], "train")
+  monkeypatch.setenv("BPTT_JAX_KERNELS", "0")
+  with pytest.raises(ValueError, match="BPTT_JAX_KERNELS='0'"):
+    cases.stepper("bptt_jax_kernel", "lstm", cases.QUICK_CONFIGS["tiny"], "train")
+
+
 def test_kernel_calls_times_the_kernels_alone():
   import re
 

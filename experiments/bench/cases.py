@@ -6,6 +6,7 @@ result. JAX, Flax and PyTorch are imported inside the builders, so that a
 worker process loads only the framework it measures.
 """
 
+import os
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -296,8 +297,20 @@ def torch_stepper(cell_name: str, dims: Dims, mode: str) -> Callable[[], float |
 
 
 def stepper(impl_name: str, cell_name: str, dims: Dims, mode: str) -> Callable[[], float | None]:
-  """``step()`` of any implementation, by its name in ``IMPLS``."""
+  """``step()`` of any implementation, by its name in ``IMPLS``.
+
+  An implementation's environment (``Impl.env``: the kernels' switch, the allocator's
+  settings) is read when the process starts or when the step is traced, so it is not
+  set here: this process must already run with it (the benchmark's workers do), or
+  ``ValueError`` names what differs.
+  """
   impl = IMPLS[impl_name]
+  differ = {k: v for k, v in impl.env.items() if os.environ.get(k) != v}
+  if differ:
+    want = " ".join(f"{k}={v}" for k, v in differ.items())
+    have = ", ".join(f"{k}={os.environ[k]!r}" if k in os.environ else f"{k} unset" for k in differ)
+    raise ValueError(f"{impl_name!r} runs with {want} in its environment; this process has "
+                     f"{have}: start it with that environment")
   if impl.kind == "torch":
     return torch_stepper(cell_name, dims, mode)
   return jax_stepper(jax_case(impl, cell_name, dims, mode))
