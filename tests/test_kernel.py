@@ -30,8 +30,10 @@ CELLS = {"rnn_tanh": lambda H: bj.rnn(H, "tanh"), "rnn_relu": lambda H: bj.rnn(H
 KERNELS = [(name, family) for name in CELLS for family in ("fused", "rnn")]
 TARGETS = {"rnn": "bptt_rnn_forward", "fused": "bptt_fused_forward"}
 SHAPES = [(1, 1, 2, 3), (3, 6, 4, 17), (1, 9, 1, 13), (2, 5, 16, 32)]  # B, T, D, H
-# Shapes for the written-out kernel's blocks: one block (H < 16), two even and uneven.
-FUSED_SHAPES = [(5, 7, 3, 16), (2, 4, 6, 41), (17, 3, 2, 64)]
+# Shapes for the written-out kernel's blocks: one block (H < 16), two even and uneven;
+# and for its backward pass's chunks of steps (256 // B steps each): B = 40 makes chunks
+# of 6 steps, T = 13 three of them, the last a single step.
+FUSED_SHAPES = [(5, 7, 3, 16), (2, 4, 6, 41), (17, 3, 2, 64), (40, 13, 3, 24)]
 TOL = dict(rtol=2e-5, atol=2e-6)
 
 
@@ -92,7 +94,8 @@ def _cases(shapes):
   return ([_case(name, family, shape) for name, family in KERNELS for shape in shapes]
           + [_case(name, "fused", shape, True) for name in CELLS for shape in shapes[1:3]]
           + [_case(name, "fused", shape) for name in CELLS for shape in FUSED_SHAPES]
-          + [_case(name, "fused", FUSED_SHAPES[1], True) for name in CELLS])
+          + [_case(name, "fused", shape, True) for name in CELLS
+             for shape in (FUSED_SHAPES[1], FUSED_SHAPES[3])])
 
 
 @needs_kernels
@@ -288,7 +291,7 @@ def _padded(name, B, T, D, H, time_major, seed=5):
 @pytest.mark.parametrize("name", list(CELLS))
 @pytest.mark.parametrize("time_major,reverse,shape", [
     (False, False, (4, 9, 3, 17)), (False, False, (6, 5, 2, 41)), (True, False, (4, 9, 3, 17)),
-    (False, True, (4, 9, 3, 17)), (True, True, (6, 5, 2, 41))])
+    (False, True, (4, 9, 3, 17)), (True, True, (6, 5, 2, 41)), (False, False, (40, 13, 3, 24))])
 def test_lengths_equal_the_jax_paths(name, time_major, reverse, shape):
   # Padded batches: past each sequence's end the states stay, the outputs are zero and
   # the padding (NaN here) reaches nothing; the written-out kernels take the lengths.

@@ -569,6 +569,29 @@ void Forward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, c
   if (kind == kLstm) Transpose(cells + (T % cell_steps) * H * B, H, B, B, c_t, H);
 }
 
+// Columns of a chunk of gate gradients: the backward pass keeps the gate gradients of
+// ChunkSteps(B) steps, multiplies them into the weight gradients and starts again, so
+// they stay in the cache (a [G*H, T*B] array of them, 131 MB for the long LSTM, went to
+// memory and back).
+constexpr int64_t kChunkColumns = 256;
+int64_t ChunkSteps(int64_t B) { return std::max<int64_t>(1, kChunkColumns / B); }
+
+// Rows [K, C] of the steps [t0, t0 + K / B) of a sequence [.., C] (step t's batch b at
+// row (t - t0) * B + b): where they lie when time-major, else copied into `copy`. With
+// `first` (h0 [B, C]), step t stands for step t - 1 of the sequence, step -1 for first.
+const float* ChunkRows(const Shape& s, const float* seq, const float* first, int64_t C,
+                       int64_t t0, int64_t K, std::vector<float>& copy) {
+  const int64_t B = s.B, shift = first != nullptr ? 1 : 0;
+  if (!s.batch_major && t0 - shift >= 0) return seq + (t0 - shift) * B * C;
+  copy.resize(K * C);
+  for (int64_t i = 0; i < K; ++i) {
+    const int64_t t = t0 + i / B - shift, b = i % B;
+    const float* row = t < 0 ? first + b * C : seq + t * s.Step(C) + b * s.Row(C);
+    std::memcpy(copy.data() + i * C, row, sizeof(float) * C);
+  }
+  return copy.data();
+}
+
 void Backward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, const float* h0,
               const float* W, const float* U, const int32_t* lengths, const float* hs,
               const float* saved, const float* cells, const float* dhs, const float* dh_t,
@@ -590,10 +613,27 @@ void Backward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, 
   float* Upn = static_cast<float*>(Kept(kPanels, sizeof(float) * PanelRows(blk, 1) * GH));
   float* d_blocked = static_cast<float*>(Kept(kBlocked, sizeof(float) * 2 * dbf));
   std::fill_n(d_blocked, 2 * dbf, 0.0f);  // the columns past B stay zero
-  // Gate gradients [G*H, T*B]: the input side's (dx), and for the GRU the recurrent
-  // side's (dh) too.
-  float* dgx = static_cast<float*>(Kept(kGrads, sizeof(float) * (two ? 2 : 1) * GH * ldt));
-  float* dgh = two ? dgx + GH * ldt : dgx;
+  // The gate gradients of a chunk of steps, [R*H, ldc], R rows per unit in block order:
+  // the G gates' input-side gradients, and for the GRU a fourth row, its n gate's
+  // recurrent-side one (the z and r rows serve both sides).
+  const int64_t R = two ? G + 1 : G, tau = ChunkSteps(B), ldc = Ld(tau * B);
+  float* chunk = static_cast<float*>(Kept(kGrads, sizeof(float) * R * H * ldc));
+  // The weight gradients transposed, dU_p^T [G*H, ldh] and dW_p^T [G*H, ldd] with the
+  // rows in block order, and the bias gradients in the chunk's row order, accumulated
+  // chunk by chunk (the first chunk sets them).
+  float* dUt = static_cast<float*>(Kept(kWeightGrads, sizeof(float) * (GH * (ldh + ldd) + R * H)));
+  float* dWt = dUt + GH * ldh;
+  float* sums = dWt + GH * ldd;
+  // dxs = dgates_x W_p^T: each thread's blocks' part of a chunk's rows, [tau*B, D], in two
+  // slots (chunk by chunk), summed over the threads after the next barrier.
+  const int64_t nthr_max = omp_get_max_threads();
+  float* Wp = nullptr;
+  float* partials = nullptr;
+  if (dxs != nullptr) {
+    Wp = static_cast<float*>(Kept(kPackedW, sizeof(float) * GH * ldd));
+    PackTransposed(blk, G, W, D, Wp, ldd);
+    partials = static_cast<float*>(Kept(kPartials, sizeof(float) * 2 * nthr_max * tau * B * D));
+  }
   float* dh_next = static_cast<float*>(Kept(kStateGrads, sizeof(float) * 2 * H * B));
   float* dc_next = dh_next + H * B;  // both [H, B]
   Transpose(dh_t, B, H, H, dh_next, B);
@@ -606,25 +646,72 @@ void Backward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, 
 #pragma omp single
     barrier.SetThreads(omp_get_num_threads());
     const int64_t most = (H + blk.n - 1) / blk.n + 1;
-    std::vector<float> dh_out(most * B), h_own(most * B), live(B);
-    const int64_t nthr = omp_get_num_threads(), tid = omp_get_thread_num();
+    std::vector<float> dh_out(most * B), h_own(most * B), live(B), h_rows, x_rows;
+    const int64_t nthr = std::min<int64_t>(omp_get_num_threads(), nthr_max);
+    const int64_t tid = omp_get_thread_num();
+    const int64_t writers = std::min(nthr, blk.n);  // the threads with blocks
     for (int64_t k = tid; k < blk.n; k += nthr)  // this thread's blocks' panels
       PackPanels(Up + blk.Start(k) * ldg, ldg, blk.Size(k), GH, Upn + PanelRow(blk, 1, k) * GH);
+    // The chunk's weight gradient products, this thread's blocks: at its first step t0
+    // (the last the loop reaches).
+    auto flush_chunk = [&](int64_t t0, int64_t t1) {
+      const int64_t K = (t1 - t0) * B;
+      const float beta = t1 == T ? 0.0f : 1.0f;  // the first chunk sets the sums
+      if (tid >= blk.n) return;
+      const float* hr = ChunkRows(s, hs, h0, H, t0, K, h_rows);
+      const float* xr = ChunkRows(s, xs, nullptr, D, t0, K, x_rows);
+      float* part = dxs != nullptr ? partials + (((t0 / tau) % 2) * nthr_max + tid) * tau * B * D
+                                   : nullptr;
+      for (int64_t k = tid; k < blk.n; k += nthr) {
+        const int64_t j0 = blk.Start(k), hb = blk.Size(k), r0 = G * j0;
+        const float* cx = chunk + R * j0 * ldc;  // the input side's G * hb rows
+        // dU_p^T += dgates_h [h_{t-1}]: for the GRU the z and r rows, then n's own
+        if (two) {
+          Gemm('N', 'N', 2 * hb, H, K, cx, ldc, hr, H, beta, dUt + r0 * ldh, ldh);
+          Gemm('N', 'N', hb, H, K, cx + 3 * hb * ldc, ldc, hr, H, beta,
+               dUt + (r0 + 2 * hb) * ldh, ldh);
+        } else {
+          Gemm('N', 'N', G * hb, H, K, cx, ldc, hr, H, beta, dUt + r0 * ldh, ldh);
+        }
+        Gemm('N', 'N', G * hb, D, K, cx, ldc, xr, D, beta, dWt + r0 * ldd, ldd);
+        for (int64_t r = 0; r < R * hb; ++r) {
+          const float* row = cx + r * ldc;
+          float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+          for (int64_t c = 0; c < K; ++c) total += row[c];
+          sums[R * j0 + r] = beta == 0.0f ? total : sums[R * j0 + r] + total;
+        }
+        if (part != nullptr)  // this block's part of dxs: [K, G*hb] x [G*hb, D]
+          Gemm('T', 'N', K, D, G * hb, cx, ldc, Wp + r0 * ldd, ldd, k == tid ? 0.0f : 1.0f,
+               part, D);
+      }
+    };
+    // dxs's rows of the chunk from t0 that this thread sums: the threads' parts.
+    auto sum_partials = [&](int64_t t0, int64_t t1) {
+      const int64_t K = (t1 - t0) * B, i0 = tid * K / nthr, i1 = (tid + 1) * K / nthr;
+      const float* slot = partials + ((t0 / tau) % 2) * nthr_max * tau * B * D;
+      for (int64_t i = i0; i < i1; ++i) {
+        float* dst = dxs + (t0 + i / B) * s.Step(D) + (i % B) * s.Row(D);
+        std::memcpy(dst, slot + i * D, sizeof(float) * D);
+        for (int64_t p = 1; p < writers; ++p) {
+          const float* src = slot + (p * tau * B + i) * D;
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) dst[d] += src[d];
+        }
+      }
+    };
+    int64_t pending = -1;  // the chunk whose dxs parts wait for the next barrier
     for (int64_t t = T - 1; t >= 0; --t) {
+      const int64_t t0 = t / tau * tau, t1 = std::min(T, t0 + tau);
       for (int64_t k = tid; k < blk.n; k += nthr) {
         const int64_t j0 = blk.Start(k), hb = blk.Size(k), r0 = G * j0;
         const float* st = saved + S * j0 * ldt + t * B;
-        float* dx = dgx + r0 * ldt + t * B;
-        float* dh = dgh + r0 * ldt + t * B;
+        float* dx = chunk + R * j0 * ldc + (t - t0) * B;  // this step's gate gradient rows
         if (dhs != nullptr)
           Transpose(dhs + t * s.Step(H) + j0, B, hb, s.Row(H), dh_out.data(), B);
         LiveSteps(lengths, t, B, live.data());
         const float* on = live.data();
-        if (t > 0) {  // the previous step's rows, while this one computes
-          if (S > 0) PrefetchRows(st - B, S * hb, ldt, B);
-          PrefetchRows(dx - B, G * hb, ldt, B);
-          if (two) PrefetchRows(dh - B, G * hb, ldt, B);
-        }
+        if (t > 0 && S > 0) PrefetchRows(st - B, S * hb, ldt, B);  // the previous step's rows
         if (kind == kGru && t == 0)  // h_{t-1} of these units
           Transpose(h0 + j0, B, hb, H, h_own.data(), B);
         else if (kind == kGru)
@@ -640,10 +727,10 @@ void Backward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, 
             const float* gf = st + (1 * hb + u) * ldt;
             const float* gg = st + (2 * hb + u) * ldt;
             const float* go = st + (3 * hb + u) * ldt;
-            float* di = dx + (0 * hb + u) * ldt;
-            float* df = dx + (1 * hb + u) * ldt;
-            float* dg = dx + (2 * hb + u) * ldt;
-            float* do_ = dx + (3 * hb + u) * ldt;
+            float* di = dx + (0 * hb + u) * ldc;
+            float* df = dx + (1 * hb + u) * ldc;
+            float* dg = dx + (2 * hb + u) * ldc;
+            float* do_ = dx + (3 * hb + u) * ldc;
             const float* c_prev = cells + (t * H + j) * B;
             const float* c_row = cells + ((t + 1) * H + j) * B;
             float* dc_row = dc_next + j * B;
@@ -667,12 +754,10 @@ void Backward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, 
             const float* sn = st + (2 * hb + u) * ldt;
             const float* shn = st + (3 * hb + u) * ldt;
             const float* hp = h_own.data() + u * B;
-            float* dxz = dx + (0 * hb + u) * ldt;
-            float* dxr = dx + (1 * hb + u) * ldt;
-            float* dxn = dx + (2 * hb + u) * ldt;
-            float* dhz = dh + (0 * hb + u) * ldt;
-            float* dhr = dh + (1 * hb + u) * ldt;
-            float* dhn = dh + (2 * hb + u) * ldt;
+            float* dz = dx + (0 * hb + u) * ldc;
+            float* dr = dx + (1 * hb + u) * ldc;
+            float* dxn = dx + (2 * hb + u) * ldc;
+            float* dhn = dx + (3 * hb + u) * ldc;
 #pragma omp simd
             for (int64_t b = 0; b < B; ++b) {
               const float z = sz[b], r = sr[b], n = sn[b];
@@ -681,13 +766,13 @@ void Backward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, 
               const float dan = live_b ? d * (1.0f - z) * (1.0f - n * n) : 0.0f;
               const float daz = live_b ? d * (hp[b] - n) * z * (1.0f - z) : 0.0f;
               const float dar = live_b ? dan * shn[b] * r * (1.0f - r) : 0.0f;
-              dxz[b] = daz, dxr[b] = dar, dxn[b] = dan;
-              dhz[b] = daz, dhr[b] = dar, dhn[b] = live_b ? dan * r : 0.0f;
+              dz[b] = daz, dr[b] = dar, dxn[b] = dan;
+              dhn[b] = live_b ? dan * r : 0.0f;
               dh_row[b] = live_b ? d * z : d;  // the direct path; the GEMM below adds U's
             }
           } else {
             const float* h = h_own.data() + u * B;
-            float* da = dx + u * ldt;
+            float* da = dx + u * ldc;
             const bool tanh = kind == kRnnTanh;
 #pragma omp simd
             for (int64_t b = 0; b < B; ++b) {
@@ -699,62 +784,44 @@ void Backward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, 
             }
           }
         }
-        for (int64_t r = 0; r < G * hb; ++r)  // this block's gate gradients, for the GEMMs
-          BlockRow(dh + r * ldt, B, GH, r0 + r, d_blocked + (t % 2) * dbf);
+        // this block's recurrent-side gate gradients, for the GEMMs: the GRU's n rows its own
+        float* slot = d_blocked + (t % 2) * dbf;
+        for (int64_t r = 0; r < G * hb; ++r) {
+          const int64_t row = two && r >= 2 * hb ? r + hb : r;
+          BlockRow(dx + row * ldc, B, GH, r0 + r, slot);
+        }
       }
       barrier.Wait();
+      if (pending >= 0) {
+        sum_partials(pending, std::min(T, pending + tau));
+        pending = -1;
+      }
       for (int64_t k = tid; k < blk.n; k += nthr) {
         const int64_t j0 = blk.Start(k), hb = blk.Size(k);
         PanelGemmBlocked(hb, B, GH, Upn + PanelRow(blk, 1, k) * GH, d_blocked + (t % 2) * dbf,
                          direct ? 1.0f : 0.0f, dh_next + j0 * B, B);
       }
       // No barrier: the next step's element-wise part reads only this thread's rows of
-      // dh_next and writes another step's gate gradients than the GEMMs read.
+      // dh_next and writes another step's gate gradients than the GEMMs read; a chunk's
+      // rows are this thread's own.
+      if (t == t0) {
+        flush_chunk(t0, t1);
+        if (dxs != nullptr) pending = t0;
+      }
+    }
+    if (pending >= 0) {  // the first steps' dxs
+      barrier.Wait();
+      sum_partials(pending, std::min(T, pending + tau));
     }
   }
   Transpose(dh_next, H, B, B, dh0, H);
   if (kind == kLstm) Transpose(dc_next, H, B, B, dc0, H);
-
-  // Weight gradients transposed, rows in block order, then back to [K, G*H] in gate order.
-  float* dWt = static_cast<float*>(Kept(kPackedW, sizeof(float) * GH * std::max(ldd, ldh)));
-  // The products over K = T*B take the sequences time-major: batch-major ones are copied.
-  const float* hs_tm = hs;
-  const float* xs_tm = xs;
-  float* x_copy = nullptr;
-  if (s.batch_major) {
-    float* h_copy = static_cast<float*>(Kept(kMajorH, sizeof(float) * (TB - B) * H));
-    Reorder(hs, T, B, H, true, h_copy, 0, T - 1);
-    x_copy = static_cast<float*>(Kept(kMajorX, sizeof(float) * TB * D));
-    Reorder(xs, T, B, D, true, x_copy);
-    hs_tm = h_copy, xs_tm = x_copy;
-  }
-  // dU_p^T = dgh [h0; hs[0 .. T-2]]
-  ParallelGemm('N', 'N', GH, H, B, dgh, ldt, h0, H, 0.0f, dWt, ldh);
-  ParallelGemm('N', 'N', GH, H, TB - B, dgh + B, ldt, hs_tm, H, 1.0f, dWt, ldh);
-  UnpackTransposed(blk, G, dWt, ldh, H, dU);
-  ParallelGemm('N', 'N', GH, D, TB, dgx, ldt, xs_tm, D, 0.0f, dWt, ldd);  // dW_p^T = dgx xs
+  UnpackTransposed(blk, G, dUt, ldh, H, dU);
   UnpackTransposed(blk, G, dWt, ldd, D, dW);
-  // dbias: the row sums of dgx (and for the GRU, b_hn's: of dgh's n rows).
-  float* sums = static_cast<float*>(Kept(kPackedBias, sizeof(float) * 2 * GH));
-#pragma omp parallel for
-  for (int64_t r = 0; r < (two ? 2 : 1) * GH; ++r) {
-    const float* row = (r < GH ? dgx + r * ldt : dgh + (r - GH) * ldt);
-    float total = 0.0f;
-#pragma omp simd reduction(+ : total)
-    for (int64_t c = 0; c < TB; ++c) total += row[c];
-    sums[r] = total;
-  }
   for (int64_t g = 0; g < G; ++g)
-    for (int64_t j = 0; j < H; ++j) dbias[g * H + j] = sums[blk.Row(G, g, j)];
+    for (int64_t j = 0; j < H; ++j) dbias[g * H + j] = sums[blk.Row(R, g, j)];
   if (two)
-    for (int64_t j = 0; j < H; ++j) dbias[GH + j] = sums[GH + blk.Row(G, 2, j)];
-  // dxs = dgx^T W_p, with W_p [G*H, D] (rows in block order), where xs is differentiated
-  if (dxs == nullptr) return;
-  float* Wp = static_cast<float*>(Kept(kPackedU, sizeof(float) * GH * ldd));
-  PackTransposed(blk, G, W, D, Wp, ldd);
-  float* dxs_tm = s.batch_major ? x_copy : dxs;  // time-major, then reordered
-  ParallelGemm('T', 'N', TB, D, GH, dgx, ldt, Wp, ldd, 0.0f, dxs_tm, D);
-  if (s.batch_major) Reorder(dxs_tm, T, B, D, false, dxs);
+    for (int64_t j = 0; j < H; ++j) dbias[GH + j] = sums[blk.Row(R, 3, j)];
 }
 
 float* Floats(ffi::ResultBuffer<ffi::U8>& buffer) {
