@@ -260,9 +260,15 @@ int64_t InferenceFloats(int64_t kind, int64_t B, int64_t H) {
   return kHeader + (kind == kLstm ? 2 * H * B : 0);
 }
 
+// The saved rows, step by step: [T, S*H, B], step t's rows of block k contiguous at
+// t * S*H*B + S * Start(k) * B.
+int64_t SavedFloats(int64_t kind, int64_t T, int64_t B, int64_t H) {
+  return Saved(kind) * H * T * B;
+}
+
 int64_t WorkspaceFloats(int64_t kind, int64_t T, int64_t B, int64_t H) {
-  // saved rows [S*H, Ld(T*B)]; the LSTM's cell states [T+1, H, B]
-  return kHeader + Saved(kind) * H * Ld(T * B) + (kind == kLstm ? H * (T + 1) * B : 0);
+  // the saved rows; the LSTM's cell states [T+1, H, B]
+  return kHeader + SavedFloats(kind, T, B, H) + (kind == kLstm ? H * (T + 1) * B : 0);
 }
 
 // Gate g's columns of block k in a [K, G*H] matrix (gate order) are the run of Size(k)
@@ -327,22 +333,6 @@ Shape ShapeOf(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& h0, int64_t batc
   auto x = xs.dimensions();
   return batch_major ? Shape{x[1], x[0], x[2], h0.dimensions()[1], true}
                      : Shape{x[0], x[1], x[2], h0.dimensions()[1], false};
-}
-
-// dst [t1 - t0, B, C] = steps [t0, t1) of src [B, T, C] (to_time_major), or the other
-// way round: steps [t0, t1) of dst [B, T, C] from src [t1 - t0, B, C].
-void Reorder(const float* src, int64_t T, int64_t B, int64_t C, bool to_time_major, float* dst,
-             int64_t t0 = 0, int64_t t1 = -1) {
-  if (t1 < 0) t1 = T;
-#pragma omp parallel for
-  for (int64_t i = t0 * B; i < t1 * B; ++i) {
-    const int64_t t = i / B, b = i % B;
-    const int64_t tm = (t - t0) * B + b, bm = b * T + t;
-    if (to_time_major)
-      std::memcpy(dst + tm * C, src + bm * C, sizeof(float) * C);
-    else
-      std::memcpy(dst + bm * C, src + tm * C, sizeof(float) * C);
-  }
 }
 
 // The barrier between the steps of a loop: the threads of one parallel region wait for
@@ -414,16 +404,16 @@ void Forward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, c
              const int32_t* lengths, float* hs, float* h_t, float* c_t, float* saved,
              float* cells, bool training) {
   const int64_t T = s.T, B = s.B, D = s.D, H = s.H, G = Gates(kind), S = Saved(kind);
-  const int64_t GH = G * H, TB = T * B, ldt = Ld(TB), ldd = Ld(D), ldh = Ld(H);
+  const int64_t GH = G * H, ldd = Ld(D), ldh = Ld(H);
   float* Wp = static_cast<float*>(Kept(kPackedW, sizeof(float) * GH * ldd));
   float* Up = static_cast<float*>(Kept(kPackedU, sizeof(float) * GH * ldh));
   float* bp = static_cast<float*>(Kept(kPackedBias, sizeof(float) * (GH + H)));
   // The hidden states transposed, [H, B], in two slots: step t reads h_{t-1} from slot
   // (t + 1) % 2 (the GRU's z h_{t-1}) and writes h_t into slot t % 2, to go to hs.
   float* h_slots = static_cast<float*>(Kept(kStateGrads, sizeof(float) * 2 * H * B));
-  // The step's products run on panel_gemm.h: each block's rows of U_p (and of W_p where
-  // the input side runs step by step) in panels, and h_{t-1} in two slots of column
-  // blocks, which each step writes as it computes h_t.
+  // The step's products run on panel_gemm.h: each block's rows of W_p and U_p in
+  // panels, x_t read where it lies, and h_{t-1} in two slots of column blocks, which
+  // each step writes as it computes h_t.
   const int64_t hbf = BlockedFloats(H, B);
   float* Upn = static_cast<float*>(Kept(kPanels, sizeof(float) * PanelRows(blk, G) * H));
   float* Wpn = static_cast<float*>(Kept(kPanelsW, sizeof(float) * PanelRows(blk, G) * D));
@@ -437,24 +427,11 @@ void Forward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, c
   Transpose(h0, B, H, H, h_slots + H * B, B);
   for (int64_t j = 0; j < H; ++j) BlockRow(h_slots + H * B + j * B, B, H, j, h_blocked + hbf);
   if (kind == kLstm) Transpose(c0, B, H, H, cells, B);
-  // The LSTM's input side of every step's gates, W_p xs^T [G*H, T*B], in one GEMM
-  // straight into the saved rows, where its activations then replace them. The GRU and
-  // the RNN, which do not keep their pre-activations, compute theirs step by step into
-  // a small buffer (measured faster than writing and reading back a [G*H, T*B] array),
-  // and so does the LSTM in inference, which saves nothing. Its cell states then take
-  // two [H, B] slots in turn instead of T + 1.
+  // A step's gates go to a small buffer, except the LSTM's in training: they go
+  // straight to the step's saved rows, where their activations then replace them. In
+  // inference the LSTM's cell states take two [H, B] slots in turn instead of T + 1.
   const int64_t cell_steps = training ? T + 1 : 2;
-  const bool hoisted = kind == kLstm && training;
-  if (hoisted) {
-    const float* xt = xs;  // time-major [T*B, D]
-    if (s.batch_major) {
-      float* copy = static_cast<float*>(Kept(kMajorX, sizeof(float) * TB * D));
-      Reorder(xs, T, B, D, true, copy);
-      xt = copy;
-    }
-    ParallelGemm('N', 'T', GH, TB, D, Wp, ldd, xt, D, 0.0f, saved, ldt);
-  }
-  const int64_t ldr = hoisted ? ldt : B;  // between the rows of a step's gates
+  const bool in_saved = kind == kLstm && training;
 
   StepBarrier barrier;
 #pragma omp parallel
@@ -463,13 +440,13 @@ void Forward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, c
 #pragma omp single
     barrier.SetThreads(omp_get_num_threads());
     const int64_t most = (H + blk.n - 1) / blk.n + 1;
-    std::vector<float> px(hoisted ? 0 : G * most * B), ph(kind == kGru ? G * most * B : 0);
+    std::vector<float> px(in_saved ? 0 : G * most * B), ph(kind == kGru ? G * most * B : 0);
     std::vector<float> live(B);
     const int64_t nthr = omp_get_num_threads(), tid = omp_get_thread_num();
     for (int64_t k = tid; k < blk.n; k += nthr) {  // this thread's blocks' panels
       const int64_t r0 = G * blk.Start(k), rows = G * blk.Size(k), at = PanelRow(blk, G, k);
       PackPanels(Up + r0 * ldh, ldh, rows, H, Upn + at * H);
-      if (!hoisted) PackPanels(Wp + r0 * ldd, ldd, rows, D, Wpn + at * D);
+      PackPanels(Wp + r0 * ldd, ldd, rows, D, Wpn + at * D);
     }
     Steps(blk, T, barrier, [&](int64_t t, int64_t k, int64_t j0, int64_t hb) {
       const int64_t r0 = G * j0, at = PanelRow(blk, G, k);
@@ -478,28 +455,25 @@ void Forward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, c
       // Where a sequence has ended (lengths), its states stay and its output is zero.
       const bool ended = LiveSteps(lengths, t, B, live.data());
       const float* on = live.data();
-      // this block's gates at step t
-      float* gt = hoisted ? saved + r0 * ldt + t * B : px.data();
-      if (!hoisted)  // W_p x_t^T
-        PanelGemm(G * hb, B, D, Wpn + at * D, xs + t * s.Step(D), s.Row(D), true, 0.0f, gt,
-                  ldr);
+      // this block's saved rows at step t (none in inference), and its gates [G*hb, B]
+      float* st = training ? saved + t * S * H * B + S * j0 * B : nullptr;
+      float* gt = in_saved ? st : px.data();
+      PanelGemm(G * hb, B, D, Wpn + at * D, xs + t * s.Step(D), s.Row(D), true, 0.0f, gt,
+                B);  // W_p x_t^T
       const float* hb_prev = h_blocked + ((t + 1) % 2) * hbf;  // U_p h_{t-1}^T
       if (kind == kGru)  // the recurrent side apart: the reset gate scales its n block
         PanelGemmBlocked(G * hb, B, H, Upn + at * H, hb_prev, 0.0f, ph.data(), B);
       else
-        PanelGemmBlocked(G * hb, B, H, Upn + at * H, hb_prev, 1.0f, gt, ldr);
+        PanelGemmBlocked(G * hb, B, H, Upn + at * H, hb_prev, 1.0f, gt, B);
       float* hb_next = h_blocked + (t % 2) * hbf;
-      // this block's saved rows at step t (none in inference)
-      float* st = training ? saved + S * j0 * ldt + t * B : nullptr;
-      if (training && t + 1 < T && S > 0) PrefetchRows(st + B, S * hb, ldt, B);  // next step's
       for (int64_t u = 0; u < hb; ++u) {
         const int64_t j = j0 + u;
         float* h_row = h_next + j * B;
         if (kind == kLstm) {  // training: st == gt, the activations overwrite the gates
-          float* gi = gt + (0 * hb + u) * ldr;
-          float* gf = gt + (1 * hb + u) * ldr;
-          float* gg = gt + (2 * hb + u) * ldr;
-          float* go = gt + (3 * hb + u) * ldr;
+          float* gi = gt + (0 * hb + u) * B;
+          float* gf = gt + (1 * hb + u) * B;
+          float* gg = gt + (2 * hb + u) * B;
+          float* go = gt + (3 * hb + u) * B;
           const float bi = bp[r0 + u], bf = bp[r0 + hb + u], bg = bp[r0 + 2 * hb + u],
                       bo = bp[r0 + 3 * hb + u];
           const float* c_prev = cells + ((t % cell_steps) * H + j) * B;
@@ -517,16 +491,16 @@ void Forward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, c
             for (int64_t b = 0; b < B; ++b)
               if (on[b] == 0.0f) c_row[b] = c_prev[b], h_row[b] = h_prev[j * B + b];
         } else if (kind == kGru) {
-          const float* xz = gt + (0 * hb + u) * ldr;
-          const float* xr = gt + (1 * hb + u) * ldr;
-          const float* xn = gt + (2 * hb + u) * ldr;
+          const float* xz = gt + (0 * hb + u) * B;
+          const float* xr = gt + (1 * hb + u) * B;
+          const float* xn = gt + (2 * hb + u) * B;
           const float* uz = ph.data() + (0 * hb + u) * B;
           const float* ur = ph.data() + (1 * hb + u) * B;
           const float* un = ph.data() + (2 * hb + u) * B;
           float *sz = nullptr, *sr = nullptr, *sn = nullptr, *shn = nullptr;
           if (training) {
-            sz = st + (0 * hb + u) * ldt, sr = st + (1 * hb + u) * ldt;
-            sn = st + (2 * hb + u) * ldt, shn = st + (3 * hb + u) * ldt;
+            sz = st + (0 * hb + u) * B, sr = st + (1 * hb + u) * B;
+            sn = st + (2 * hb + u) * B, shn = st + (3 * hb + u) * B;
           }
           const float bz = bp[r0 + u], br = bp[r0 + hb + u], bn = bp[r0 + 2 * hb + u],
                       bhn = bp[GH + j];
@@ -544,7 +518,7 @@ void Forward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, c
             for (int64_t b = 0; b < B; ++b)
               if (on[b] == 0.0f) h_row[b] = hpt[b];
         } else {
-          const float* a = gt + u * ldr;
+          const float* a = gt + u * B;
           const float bj = bp[r0 + u];
           if (kind == kRnnTanh) {
 #pragma omp simd
@@ -597,8 +571,8 @@ void Backward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, 
               const float* saved, const float* cells, const float* dhs, const float* dh_t,
               const float* dc_t, float* dxs, float* dh0, float* dc0, float* dW, float* dU,
               float* dbias) {
-  const int64_t T = s.T, B = s.B, D = s.D, H = s.H, TB = T * B, G = Gates(kind), S = Saved(kind);
-  const int64_t GH = G * H, ldt = Ld(TB), ldg = Ld(GH), ldd = Ld(D), ldh = Ld(H);
+  const int64_t T = s.T, B = s.B, D = s.D, H = s.H, G = Gates(kind), S = Saved(kind);
+  const int64_t GH = G * H, ldg = Ld(GH), ldd = Ld(D), ldh = Ld(H);
   const bool two = kind == kGru;  // separate input-side and recurrent-side gate gradients
   // With lengths, a step past a sequence's end passes dh (and the LSTM's dc) straight to
   // the step before, and its gate gradients are zero: the rows of dh_next then hold that
@@ -705,13 +679,13 @@ void Backward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, 
       const int64_t t0 = t / tau * tau, t1 = std::min(T, t0 + tau);
       for (int64_t k = tid; k < blk.n; k += nthr) {
         const int64_t j0 = blk.Start(k), hb = blk.Size(k), r0 = G * j0;
-        const float* st = saved + S * j0 * ldt + t * B;
+        const float* st = saved + t * S * H * B + S * j0 * B;  // [S*hb, B]
         float* dx = chunk + R * j0 * ldc + (t - t0) * B;  // this step's gate gradient rows
         if (dhs != nullptr)
           Transpose(dhs + t * s.Step(H) + j0, B, hb, s.Row(H), dh_out.data(), B);
         LiveSteps(lengths, t, B, live.data());
         const float* on = live.data();
-        if (t > 0 && S > 0) PrefetchRows(st - B, S * hb, ldt, B);  // the previous step's rows
+        if (t > 0 && S > 0) PrefetchRows(st - S * H * B, 1, 0, S * hb * B);  // the next step's
         if (kind == kGru && t == 0)  // h_{t-1} of these units
           Transpose(h0 + j0, B, hb, H, h_own.data(), B);
         else if (kind == kGru)
@@ -723,10 +697,10 @@ void Backward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, 
           const float* dho = dh_out.data() + u * B;
           float* dh_row = dh_next + j * B;
           if (kind == kLstm) {
-            const float* gi = st + (0 * hb + u) * ldt;
-            const float* gf = st + (1 * hb + u) * ldt;
-            const float* gg = st + (2 * hb + u) * ldt;
-            const float* go = st + (3 * hb + u) * ldt;
+            const float* gi = st + (0 * hb + u) * B;
+            const float* gf = st + (1 * hb + u) * B;
+            const float* gg = st + (2 * hb + u) * B;
+            const float* go = st + (3 * hb + u) * B;
             float* di = dx + (0 * hb + u) * ldc;
             float* df = dx + (1 * hb + u) * ldc;
             float* dg = dx + (2 * hb + u) * ldc;
@@ -749,10 +723,10 @@ void Backward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, 
               if (direct) dh_row[b] = live_b ? 0.0f : d;
             }
           } else if (kind == kGru) {
-            const float* sz = st + (0 * hb + u) * ldt;
-            const float* sr = st + (1 * hb + u) * ldt;
-            const float* sn = st + (2 * hb + u) * ldt;
-            const float* shn = st + (3 * hb + u) * ldt;
+            const float* sz = st + (0 * hb + u) * B;
+            const float* sr = st + (1 * hb + u) * B;
+            const float* sn = st + (2 * hb + u) * B;
+            const float* shn = st + (3 * hb + u) * B;
             const float* hp = h_own.data() + u * B;
             float* dz = dx + (0 * hb + u) * ldc;
             float* dr = dx + (1 * hb + u) * ldc;
@@ -874,7 +848,7 @@ ffi::Error ForwardHandler(int64_t batch_major, int64_t kind, int64_t training,
     AdviseHugePages(hs->typed_data(), hs->size_bytes());
     base[0] = static_cast<float>(blk.n);
     float* saved = training ? base + kHeader : nullptr;
-    float* cells = training ? saved + Saved(kind) * s.H * Ld(s.T * s.B) : base + kHeader;
+    float* cells = training ? saved + SavedFloats(kind, s.T, s.B, s.H) : base + kHeader;
     Forward(kind, s, blk, xs.typed_data(), h0.typed_data(), c0.typed_data(), w.typed_data(),
             u.typed_data(), bias.typed_data(), LengthsOrNone(lengths), hs->typed_data(),
             h_t->typed_data(), c_t->typed_data(), saved, cells, training != 0);
@@ -900,7 +874,7 @@ ffi::Error BackwardHandler(int64_t batch_major, int64_t kind, ffi::Buffer<ffi::F
     const float* base = reinterpret_cast<const float*>(workspace.typed_data());
     const Blocks blk{static_cast<int64_t>(base[0]), s.H};
     const float* saved = base + kHeader;
-    const float* cells = saved + Saved(kind) * s.H * Ld(s.T * s.B);
+    const float* cells = saved + SavedFloats(kind, s.T, s.B, s.H);
     AdviseHugePages(dxs->typed_data(), dxs->size_bytes());
     // An empty dhs is zero (hs is not used), an empty dxs is not wanted (xs is data).
     const float* dhs_or_zero = dhs.element_count() == 0 ? nullptr : dhs.typed_data();

@@ -42,7 +42,6 @@ enum KeptSlot {
   kPanels,           // the written-out kernels' per-step GEMM operands (panel_gemm.h)
   kPanelsW,
   kBlocked,
-  kMajorX,           // the written-out kernels' time-major copy of a batch-major xs
   kWeightGrads,      // the written-out kernels' weight gradients, accumulated chunk by chunk
   kPartials,
   kSlots

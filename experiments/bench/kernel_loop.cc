@@ -48,7 +48,7 @@ int main(int argc, char** argv) {
   const Blocks blk{BlockCount(H), H};
   std::vector<float> workspace(WorkspaceFloats(kind, T, B, H));
   float* saved = workspace.data() + kHeader;
-  float* cells = saved + Saved(kind) * H * Ld(T * B);
+  float* cells = saved + SavedFloats(kind, T, B, H);
 #ifdef INFERENCE
   std::vector<float> small(InferenceFloats(kind, B, H));
   const bool training = false;
