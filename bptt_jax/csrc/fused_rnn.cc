@@ -8,40 +8,41 @@
 //
 // The same calls and layouts as the oneDNN handlers (onednn_rnn.cc): float32,
 // time-major xs [T, B, D] and hs [T, B, H] (or, with batch_major = 1, [B, T, D] and
-// [B, T, H], read and written where they lie: no transposes around the call; the
-// products over all steps take time-major copies), states [B, H], W [D, G*H], U [H,
-// G*H], bias [G'*H], the gate blocks in oneDNN's order: (i, f, g, o) for the
-// LSTM, (z, r, n) and a fourth bias block b_hn for the GRU (linear before
-// reset); c0 and c_T are empty except for the LSTM. `kind` is 0 (tanh RNN), 1
-// (ReLU RNN), 2 (LSTM) or 3 (GRU). With lengths (int32 [B]; empty: none), a step
-// past a sequence's end keeps its states (selected from the step before), writes
+// [B, T, H], read and written where they lie: no transposes or copies around the
+// call), states [B, H], W [D, G*H], U [H, G*H], bias [G'*H], the gate blocks in
+// oneDNN's order: (i, f, g, o) for the LSTM, (z, r, n) and a fourth bias block b_hn for
+// the GRU (linear before reset); c0 and c_T are empty except for the LSTM. `kind` is 0
+// (tanh RNN), 1 (ReLU RNN), 2 (LSTM) or 3 (GRU). With lengths (int32 [B]; empty: none),
+// a step past a sequence's end keeps its states (selected from the step before), writes
 // zeros to hs, and in the backward pass has zero gate gradients and hands dh (and dc)
 // on unchanged; its inputs must be finite (the caller zeros them).
 //
-// Gates, saved activations and gate gradients over the whole sequence are arrays
-// [rows, T*B]: a row per (gate, unit), step t's batch in columns t*B .. t*B + B - 1.
-// The hidden units are split into one block per thread, and the rows are ordered
-// block by block so that a thread's are contiguous. Each step a thread computes its
-// rows of the gates,
+// The hidden units are split into one block per thread, and the rows of the gates (a
+// row per gate and unit) are ordered block by block so that a thread's are contiguous.
+// Each step a thread computes its rows of the gates, transposed,
 //
 //   gates_t[rows] = W_p[rows] x_t^T + U_p[rows] h_{t-1}^T    (M = G * block, N = B)
 //
 // with panel_gemm.h (its rows of W_p and U_p packed once per call, x_t read where it
-// lies, h_{t-1} from a copy in column blocks that the step before wrote; the LSTM's
-// input side is one GEMM over all steps before the loop, written into its saved rows),
-// computes its units' states, and waits for the others: one barrier per step. A
-// product with the gates as its rows runs near the machine's peak even for small B,
-// where [B, H] x [H, G*H] does not. The backward pass is the same loop in
-// reverse (dh_{t-1}^T = U_p dgates_t, one GEMM per step and block), writing the gate
-// gradients into a [G*H, T*B] array; the weight gradients are then single GEMMs
-// over K = T*B (dU_p^T = dgates [h0; hs], dW_p^T = dgates xs) and dxs one more,
-// with no transposes. An empty dxs asks for no dxs (xs is not differentiated: the GEMM
-// is skipped), an empty dhs stands for zeros (hs is not used). The forward pass leaves what the backward pass reads in the
-// workspace: the LSTM's gates after their nonlinearities (written over their
-// pre-activations) and its cell states; the GRU's z, r, n and h U_n + b_hn;
-// nothing for the RNN (its outputs are its hidden states). In inference (training =
-// 0) nothing is saved: every cell computes its input side step by step, and the LSTM
-// keeps the cell states of two steps only.
+// lies, h_{t-1} from a copy in column blocks that the step before wrote), computes its
+// units' states, and waits for the others: one barrier per step. A product with the
+// gates as its rows runs near the machine's peak even for small B, where [B, H] x
+// [H, G*H] does not. The forward pass leaves what the backward pass reads in the
+// workspace, step by step ([T, S*H, B]: a step's rows of a block in one stretch, which
+// the backward pass reads in order): the LSTM's gates after their nonlinearities
+// (written over their pre-activations) and its cell states; the GRU's z, r, n and
+// h U_n + b_hn; nothing for the RNN (its outputs are its hidden states). In inference
+// (training = 0) nothing is saved, and the LSTM keeps the cell states of two steps only.
+//
+// The backward pass is the same loop in reverse (dh_{t-1}^T = U_p dgates_t, one GEMM
+// per step and block). Each thread keeps its rows of the gate gradients for a chunk of
+// steps (kChunkColumns columns, in the cache) and, at the chunk's first step, adds the
+// chunk's products into its rows of the weight gradients, dU_p^T += dgates [h_{t-1}]
+// and dW_p^T += dgates [x_t] over the chunk's K = steps * B columns, and into the bias
+// gradients; dxs = dgates^T W_p takes each thread's part, summed after the next
+// barrier. No array over all steps of the gate gradients exists. An empty dxs asks
+// for no dxs (xs is not differentiated: its products are skipped), an empty dhs stands
+// for zeros (hs is not used).
 
 #include <omp.h>
 
@@ -202,15 +203,10 @@ void Transpose(const float* in, int64_t rows, int64_t cols, int64_t ld_in, float
     }
 }
 
-// Asks for the cache lines of `rows` rows of `n` floats, `ld` apart, ahead of their use.
-// A step reads and writes one short stretch of each row of a [rows, T*B] array: rows
-// far apart in memory, which the hardware's prefetchers do not follow.
-inline void PrefetchRows(const float* p, int64_t rows, int64_t ld, int64_t n) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* row = p + r * ld;
-    for (int64_t c = 0; c < n; c += 16) __builtin_prefetch(row + c, 1, 3);
-    __builtin_prefetch(row + n - 1, 1, 3);  // the last line, where the stretch is unaligned
-  }
+// Asks for the cache lines of n floats from p ahead of their use: the backward pass's
+// next step's saved rows while this step computes.
+inline void Prefetch(const float* p, int64_t n) {
+  for (int64_t c = 0; c < n; c += 16) __builtin_prefetch(p + c, 0, 3);
 }
 
 enum Kind : int64_t { kRnnTanh = 0, kRnnRelu = 1, kLstm = 2, kGru = 3 };
@@ -545,8 +541,8 @@ void Forward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, c
 
 // Columns of a chunk of gate gradients: the backward pass keeps the gate gradients of
 // ChunkSteps(B) steps, multiplies them into the weight gradients and starts again, so
-// they stay in the cache (a [G*H, T*B] array of them, 131 MB for the long LSTM, went to
-// memory and back).
+// they stay in the cache, where an array of them over all steps ([G*H, T*B], 131 MB
+// for the long LSTM) would go to memory and back.
 constexpr int64_t kChunkColumns = 256;
 int64_t ChunkSteps(int64_t B) { return std::max<int64_t>(1, kChunkColumns / B); }
 
@@ -685,7 +681,7 @@ void Backward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, 
           Transpose(dhs + t * s.Step(H) + j0, B, hb, s.Row(H), dh_out.data(), B);
         LiveSteps(lengths, t, B, live.data());
         const float* on = live.data();
-        if (t > 0 && S > 0) PrefetchRows(st - S * H * B, 1, 0, S * hb * B);  // the next step's
+        if (t > 0 && S > 0) Prefetch(st - S * H * B, S * hb * B);  // the next step's
         if (kind == kGru && t == 0)  // h_{t-1} of these units
           Transpose(h0 + j0, B, hb, H, h_own.data(), B);
         else if (kind == kGru)

@@ -47,7 +47,7 @@ inline void PackPanels(const float* A, int64_t lda, int64_t M, int64_t K, float*
 #if defined(__AVX2__) && defined(__FMA__)
 // C[rows, 16] (ldc; only the columns where the masks are set when kMasked) = A-panel
 // part ap [K][kMr] times b [K, 16] (ldb), added to C when `add`.
-template <bool kMasked> __attribute__((always_inline))
+template <bool kMasked>
 inline void PanelTile(int64_t K, const float* ap, const float* b, int64_t ldb, float* c,
                       int64_t ldc, int64_t rows, bool add, __m256i m0, __m256i m1) {
   __m256 c0[kMr], c1[kMr];
