@@ -142,26 +142,6 @@ class FlushDenormals {
 #endif
 };
 
-// C = A B (+ beta C) as in Gemm, split over the threads of a parallel region (each
-// flushing denormals) along the larger of M and N, each part one single-threaded GEMM.
-void ParallelGemm(char ta, char tb, int64_t M, int64_t N, int64_t K, const float* A,
-                  int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
-#pragma omp parallel
-  {
-    FlushDenormals flush;
-    const int64_t nthr = omp_get_num_threads(), tid = omp_get_thread_num();
-    if (N >= M) {  // columns: of B (rows of B^T) and of C
-      const int64_t n0 = tid * N / nthr, n1 = (tid + 1) * N / nthr;
-      const float* b = tb == 'N' ? B + n0 : B + n0 * ldb;
-      Gemm(ta, tb, M, n1 - n0, K, A, lda, b, ldb, beta, C + n0, ldc);
-    } else {  // rows: of A (columns of A^T) and of C
-      const int64_t m0 = tid * M / nthr, m1 = (tid + 1) * M / nthr;
-      const float* a = ta == 'N' ? A + m0 * lda : A + m0;
-      Gemm(ta, tb, m1 - m0, N, K, a, lda, B, ldb, beta, C + m0 * ldc, ldc);
-    }
-  }
-}
-
 #if defined(__AVX__)
 // out[c * ld_out + r] = in[r * ld_in + c] for an 8 x 8 tile, in registers.
 inline void Transpose8x8(const float* in, int64_t ld_in, float* out, int64_t ld_out) {
@@ -594,7 +574,7 @@ void Backward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, 
   float* dUt = static_cast<float*>(Kept(kWeightGrads, sizeof(float) * (GH * (ldh + ldd) + R * H)));
   float* dWt = dUt + GH * ldh;
   float* sums = dWt + GH * ldd;
-  // dxs = dgates_x W_p^T: each thread's blocks' part of a chunk's rows, [tau*B, D], in two
+  // dxs = dgates_x^T W_p: each thread's blocks' part of a chunk's rows, [tau*B, D], in two
   // slots (chunk by chunk), summed over the threads after the next barrier.
   const int64_t nthr_max = omp_get_max_threads();
   float* Wp = nullptr;
