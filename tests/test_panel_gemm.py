@@ -8,6 +8,7 @@ than one pass of 256 rows of K), B given transposed and with a longer leading
 dimension, B already in column blocks, and C added to.
 """
 
+import os
 import platform
 import shutil
 import subprocess
@@ -18,7 +19,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "tests" / "csrc" / "panel_gemm_check.cc"
-COMPILER = shutil.which("g++")
+# The compiler the extension is built with (bptt_jax._kernel._build).
+COMPILER = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 TILES = {  # the flags that select each of the header's tiles (elsewhere: the plain loop)
     "avx512": ["-mavx512f", "-mavx2", "-mfma"],
@@ -41,7 +43,7 @@ def cpu_flags() -> set:
 def program(request, tmp_path_factory):
   tile = request.param
   if COMPILER is None:
-    pytest.skip("no g++ to build the check")
+    pytest.skip("no C++ compiler (g++ or $CXX) to build the check")
   if tile != "plain" and not (X86 and NEEDS[tile] <= cpu_flags()):
     pytest.skip(f"this CPU does not run the {tile} tile")
   exe = tmp_path_factory.mktemp("panel_gemm") / f"check_{tile}"
