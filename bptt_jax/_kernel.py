@@ -10,6 +10,10 @@ and backward from it, as XLA FFI handlers tied by a ``jax.custom_vjp``:
 - ``"rnn"`` (``csrc/onednn_rnn.cc``): oneDNN's RNN primitives
   (``vanilla_rnn``, ``lstm``, ``lbr_gru``).
 
+With ``"fused"`` on, :func:`bptt_jax.readout`'s backward pass is one call as well
+(:func:`dense`: oneDNN's sgemm for ``dx`` and ``dW``, where XLA:CPU's dot runs the
+weight gradient's shape well below the machine's peak).
+
 Both are off by default: neither measured faster than the pure-JAX fused path
 across cells and sizes (README, Performance); ``use_kernels(True)`` turns them
 on (``"fused"`` runs where both apply).
@@ -67,7 +71,8 @@ _PARAM_KEYS = {"rnn_tanh": {"W", "U", "b"}, "rnn_relu": {"W", "U", "b"},
 
 FAMILIES = ("fused", "rnn")
 # The cells each family covers; where several are on, the first in FAMILIES runs.
-_COVERS = {"fused": tuple(_KINDS), "rnn": tuple(_KINDS)}
+# "readout": bj.readout's backward pass, by oneDNN's sgemm (:func:`dense`).
+_COVERS = {"fused": (*_KINDS, "readout"), "rnn": tuple(_KINDS)}
 DEFAULT = ()  # off: on the machines measured, the JAX paths were as fast or faster (README)
 
 
@@ -248,7 +253,8 @@ def _library():
           for name, symbol in (("bptt_rnn_forward", lib.BpttRnnForward),
                                ("bptt_rnn_backward", lib.BpttRnnBackward),
                                ("bptt_fused_forward", lib.BpttFusedForward),
-                               ("bptt_fused_backward", lib.BpttFusedBackward)):
+                               ("bptt_fused_backward", lib.BpttFusedBackward),
+                               ("bptt_dense_backward", lib.BpttDenseBackward)):
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
           reason = f"oneDNN kernels loaded from {path}"
         except (OSError, AttributeError) as e:
@@ -496,3 +502,77 @@ def _backward_jvp(config, primals, tangents):
   _, t_out = jax.jvp(backward, (*residuals.arrays[:6], *cotangents),
                      (*t_residuals.arrays[:6], *t_cotangents))
   return out, t_out
+
+
+def dense_usable(x, W) -> bool:
+  """Whether :func:`dense` runs ``x @ W`` here (decided at trace time): the written-out
+  kernels are on, the extension is loaded, ``x`` ``[..., I]`` and ``W`` ``[I, O]`` are
+  float32."""
+  if _family("readout") != "fused":
+    return False
+  if getattr(x, "dtype", None) != jnp.float32 or getattr(W, "dtype", None) != jnp.float32:
+    return False
+  if x.ndim < 1 or W.ndim != 2 or x.shape[-1] != W.shape[0]:
+    return False
+  return _library()[0] is not None
+
+
+@jax.custom_vjp
+def dense(x: Array, W: Array) -> Array:
+  """``x @ W`` for ``x`` ``[..., I]`` and ``W`` ``[I, O]``, its backward pass one call
+  (:func:`dense_backward`). Only call where :func:`dense_usable` is true."""
+  return x @ W
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["x", "W"],
+                   meta_fields=["need"])
+@dataclasses.dataclass(frozen=True)
+class _DenseResiduals:
+  x: Array
+  W: Array
+  need: tuple  # (dx, dW): which of the two are differentiated
+
+
+def _dense_fwd(x, W):
+  return x.value @ W.value, _DenseResiduals(x.value, W.value, (x.perturbed, W.perturbed))
+
+
+def _dense_bwd(residuals, g):
+  x, W, need = residuals.x, residuals.W, residuals.need
+  if isinstance(g, SymbolicZero):
+    return tuple(jnp.zeros(a.shape, a.dtype) if n else None for a, n in zip((x, W), need))
+  dx, dW = dense_backward(need, x, W, g)
+  return dx if need[0] else None, dW if need[1] else None
+
+
+dense.defvjp(_dense_fwd, _dense_bwd, symbolic_zeros=True)
+
+
+def _rows(a: Array) -> Array:
+  return a.reshape(-1, a.shape[-1])
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def dense_backward(need: tuple, x: Array, W: Array, g: Array) -> tuple:
+  """``(dx, dW) = (g W^T, x^T g)`` of ``y = x W`` over every leading axis, by oneDNN's
+  sgemm, one after the other in one call; ``need`` (two bools) says which to compute (an
+  empty array stands for the other). XLA:CPU runs ``dW``'s shape (a long contraction
+  into a small result: a readout's weight gradient over ``B T`` rows) at about 100
+  GFLOP/s where sgemm reaches the machine's peak, and would run ``dx`` beside it on
+  its own threads while sgemm's take the same cores (README)."""
+  f32 = jnp.float32
+  out = (jax.ShapeDtypeStruct(x.shape if need[0] else (0,), f32),
+         jax.ShapeDtypeStruct(W.shape if need[1] else (0,), f32))
+  call = jax.ffi.ffi_call("bptt_dense_backward", out, vmap_method="sequential")
+  dx, dW = call(_rows(x), W, _rows(g))
+  return dx, dW
+
+
+@dense_backward.defjvp
+def _dense_backward_jvp(need, primals, tangents):  # bilinear: the tangents are XLA's products
+  (x, W, g), (t_x, t_W, t_g) = primals, tangents
+  out = dense_backward(need, x, W, g)
+  t_dx = t_g @ W.T + g @ t_W.T if need[0] else jnp.zeros((0,), x.dtype)
+  t_dW = _rows(t_x).T @ _rows(g) + _rows(x).T @ _rows(t_g) if need[1] else jnp.zeros(
+      (0,), W.dtype)
+  return out, (t_dx, t_dW)

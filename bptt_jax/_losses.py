@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from bptt_jax import _kernel
 from bptt_jax._common import check_lengths, check_positive_int, step_mask
 
 Array = jax.Array
@@ -33,6 +34,11 @@ def init_readout(key, hidden_size: int, output_size: int, dtype=jnp.float32):
 def readout(params, hs: Array) -> Array:
   """Linear readout ``y = h W_hy + b_y`` over ``[..., H]`` -> ``[..., O]``.
 
+  With the written-out CPU kernels on (``use_kernels("fused")``) and float32 ``hs`` and
+  ``W_hy``, the backward pass is one call of the extension (oneDNN's sgemm for the
+  gradients of ``hs`` and ``W_hy``); forward mode (``jax.jvp``) is then refused, as on
+  the kernels' ``unroll``.
+
   Raises:
     ValueError: if the last axis of ``hs`` is not ``W_hy``'s first.
   """
@@ -42,7 +48,9 @@ def readout(params, hs: Array) -> Array:
         f"readout expects hidden states [..., H] with H = {W.shape[0]}, got shape "
         f"{tuple(hs.shape)}"
     )
-  return hs @ W + jnp.reshape(params["b_y"], (1,) * (hs.ndim - 1) + (-1,))
+  # With the written-out CPU kernels on, the weight gradient is oneDNN's sgemm (_kernel.dense).
+  ys = _kernel.dense(hs, W) if _kernel.dense_usable(hs, W) else hs @ W
+  return ys + jnp.reshape(params["b_y"], (1,) * (hs.ndim - 1) + (-1,))
 
 
 def mse(preds: Array, targets: Array) -> Array:

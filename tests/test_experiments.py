@@ -314,7 +314,8 @@ def test_kernel_calls_times_the_kernels_alone():
 
 @pytest.mark.parametrize("compare,names", [
     ("layout", ["batch-major, in place", "time-major, transposes"]),
-    ("padded", ["kernel, lengths", "JAX path, lengths"])])
+    ("padded", ["kernel, lengths", "JAX path, lengths"]),
+    ("readout", ["readout's call", "XLA's products"])])
 def test_kernel_ab_times_both_steps(compare, names):
   import re
 

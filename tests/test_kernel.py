@@ -510,3 +510,112 @@ def test_calls_one_after_another_share_one_set_of_kept_buffers():
                         text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.strip().splitlines()[-1] == "1"
+
+
+# bj.readout's backward pass with the written-out kernels on: one call, dx = g W^T and
+# dW = x^T g by oneDNN's sgemm. Shapes as (leading axes of hs, H, O): one row; a
+# [B, T, H] sequence; a long contraction (600 rows into 17 x 3); H and O above 32.
+READOUT_SHAPES = [((1,), 1, 1), ((3, 7), 13, 5), ((2, 300), 17, 3), ((64,), 40, 33)]
+
+
+def _readout_case(lead, H, O, seed=0):
+  keys = jax.random.split(jax.random.key(seed), 4)
+  params = {"W_hy": jax.random.normal(keys[0], (H, O)) / np.sqrt(H),
+            "b_y": 0.3 * jax.random.normal(keys[1], (O,))}
+  return params, jax.random.normal(keys[2], (*lead, H)), jax.random.normal(keys[3], (*lead, O))
+
+
+def _readout_loss(params, hs, cot):
+  return jnp.sum(jnp.sin(bj.readout(params, hs)) * cot)
+
+
+def _dense_call_results(fn, *args) -> list:
+  """The result types of each bptt_dense_backward call in ``fn``'s lowered text."""
+  import re
+
+  text = jax.jit(fn).lower(*args).as_text()
+  return re.findall(r"custom_call @bptt_dense_backward\(.*\) .*-> \((.*)\)", text)
+
+
+@needs_kernels
+@pytest.mark.parametrize("lead,H,O", READOUT_SHAPES)
+def test_readout_backward_call_equals_the_float64_products(lead, H, O):
+  params, hs, cot = _readout_case(lead, H, O)
+  grad = jax.value_and_grad(_readout_loss, argnums=(0, 1))
+  assert len(_dense_call_results(grad, params, hs, cot)) == 1
+  loss, (d_params, d_hs) = jax.jit(grad)(params, hs, cot)
+  W, b, h, c = (np.asarray(a, np.float64) for a in (params["W_hy"], params["b_y"], hs, cot))
+  y = h @ W + b
+  g = (c * np.cos(y)).reshape(-1, O)  # d loss / d y, a row per position
+  _close(loss, np.sum(np.sin(y) * c))
+  _close(d_params, {"W_hy": h.reshape(-1, H).T @ g, "b_y": g.sum(0)})
+  _close(d_hs, (g @ W.T).reshape(h.shape))
+
+
+@needs_kernels
+def test_readout_backward_call_computes_only_the_gradients_asked_for():
+  params, hs, cot = _readout_case((3, 7), 13, 5)
+  f32 = "tensor<{}xf32>"
+  weights_only = jax.grad(_readout_loss)  # hs is data: no dx
+  assert _dense_call_results(weights_only, params, hs, cot) == [
+      f"{f32.format(0)}, {f32.format('13x5')}"]
+  frozen = jax.grad(lambda hs, p, c: _readout_loss(jax.lax.stop_gradient(p), hs, c))
+  assert _dense_call_results(frozen, hs, params, cot) == [
+      f"{f32.format('3x7x13')}, {f32.format(0)}"]
+  with bj.use_kernels(False):
+    expected = jax.grad(_readout_loss, argnums=(0, 1))(params, hs, cot)
+  _close(weights_only(params, hs, cot), expected[0])
+  _close(frozen(hs, params, cot), expected[1])
+
+
+@needs_kernels
+def test_readout_second_derivatives_and_vmap_equal_autodiff():
+  params, hs, cot = _readout_case((4, 6), 9, 7, seed=1)
+  direction = _readout_case((4, 6), 9, 7, seed=2)[:2]
+
+  def hvp(params, hs):  # forward over reverse: d/de grad(params + e v, hs + e u)
+    grad = jax.grad(_readout_loss, argnums=(0, 1))
+    return jax.jvp(lambda p, h: grad(p, h, cot), (params, hs), direction)[1]
+
+  def hvp_by_vjp(params, hs):  # reverse over reverse, through the call: grad <grad, (v, u)>
+    inner = lambda p, h: jax.tree_util.tree_reduce(  # noqa: E731
+        jnp.add, jax.tree.map(jnp.vdot, jax.grad(_readout_loss, argnums=(0, 1))(p, h, cot),
+                              direction))
+    return jax.grad(inner, argnums=(0, 1))(params, hs)
+
+  batched = jax.vmap(jax.grad(_readout_loss, argnums=(0, 1)), in_axes=(None, 0, 0))
+  stacked = (jnp.stack([hs, -2.0 * hs]), jnp.stack([cot, cot[::-1]]))
+  got = (jax.jit(hvp_by_vjp)(params, hs), jax.jit(batched)(params, *stacked))
+  assert "bptt_dense_backward" in str(jax.make_jaxpr(hvp_by_vjp)(params, hs))
+  with bj.use_kernels(False):
+    expected = (hvp(params, hs), batched(params, *stacked))
+  _close(got, expected)
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", ["off", "onednn_only", "bfloat16", "absent"])
+def test_readout_call_applies_only_where_it_can(case, monkeypatch):
+  params, hs, cot = _readout_case((3, 7), 13, 5)
+  grad = jax.grad(_readout_loss, argnums=(0, 1))
+  with bj.use_kernels(False):
+    expected = grad(params, hs, cot)
+  families = {"off": False, "onednn_only": "rnn"}.get(case, True)
+  if case == "bfloat16":
+    hs = hs.astype(jnp.bfloat16)
+  if case == "absent":
+    monkeypatch.setattr(_kernel, "_loaded", [(None, "simulated: the extension is absent")])
+  with bj.use_kernels(families):
+    assert "bptt_dense_backward" not in str(jax.make_jaxpr(grad)(params, hs, cot))
+    if case != "bfloat16":
+      _close(jax.jit(grad)(params, hs, cot), expected)
+
+
+@needs_kernels
+def test_readout_forward_mode_is_refused_with_the_kernels_on():
+  params, hs, _ = _readout_case((3, 7), 13, 5)
+  with pytest.raises(TypeError, match="custom_vjp"):
+    jax.jvp(lambda h: bj.readout(params, h), (hs,), (hs,))
+  with bj.use_kernels(False):  # the plain product takes forward mode
+    _, tangent = jax.jvp(lambda h: bj.readout(params, h), (hs,), (hs,))
+  np.testing.assert_allclose(tangent, np.asarray(hs) @ np.asarray(params["W_hy"]), rtol=1e-5,
+                             atol=1e-5)

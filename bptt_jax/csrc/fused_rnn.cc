@@ -5,6 +5,7 @@
 //       -> (hs, h_T, c_T, workspace)
 //   bptt_fused_backward(xs, h0, c0, W, U, bias, hs, h_T, c_T, workspace, dhs, dh_T, dc_T,
 //                       lengths; batch_major, kind) -> (dxs, dh0, dc0, dW, dU, dbias)
+//   bptt_dense_backward(x, W, g) -> (dx, dW)    (a dense layer's backward pass, below)
 //
 // The same calls and layouts as the oneDNN handlers (onednn_rnn.cc): float32,
 // time-major xs [T, B, D] and hs [T, B, H] (or, with batch_major = 1, [B, T, D] and
@@ -863,10 +864,46 @@ ffi::Error BackwardHandler(int64_t batch_major, int64_t kind, ffi::Buffer<ffi::F
   });
 }
 
+// A dense layer's backward pass, y = x W over the rows of x [N, I] (its leading axes
+// flattened into N): dx = g W^T [N, I] and dW = x^T g [I, O] from g [N, O], by oneDNN's
+// sgemm, one after the other. An empty dx or dW result is not wanted. XLA:CPU's dot
+// runs dW's shape, a long contraction into a small result, well below the machine's
+// peak, and beside it XLA would run dx on its own threads at the same time.
+ffi::Error DenseBackwardHandler(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                                ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dx,
+                                ffi::ResultBuffer<ffi::F32> dw) {
+  const auto xd = x.dimensions(), wd = w.dimensions(), gd = g.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || gd.size() != 2 || xd[0] != gd[0] ||
+      xd[1] != wd[0] || wd[1] != gd[1])
+    return ffi::Error::InvalidArgument(
+        "bptt_dense_backward: expected x [N, I], W [I, O] and g [N, O]");
+  const int64_t N = xd[0], I = xd[1], O = wd[1];
+  const bool want_dx = dx->element_count() != 0, want_dw = dw->element_count() != 0;
+  if ((want_dx && dx->element_count() != static_cast<size_t>(N * I)) ||
+      (want_dw && dw->element_count() != static_cast<size_t>(I * O)))
+    return ffi::Error::InvalidArgument(
+        "bptt_dense_backward: dx must be [N, I] or empty, dW [I, O] or empty");
+  return Guarded("bptt_dense_backward", [&]() -> ffi::Error {
+    if (want_dx) AdviseHugePages(dx->typed_data(), dx->size_bytes());
+    if (want_dx) Gemm('N', 'T', N, I, O, g.typed_data(), O, w.typed_data(), O, 0.0f,
+                      dx->typed_data(), I);
+    if (want_dw) Gemm('T', 'N', I, O, N, x.typed_data(), I, g.typed_data(), O, 0.0f,
+                      dw->typed_data(), O);
+    return ffi::Error::Success();
+  });
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BpttFusedForward, ForwardHandler, ForwardBinding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BpttFusedBackward, BackwardHandler, BackwardBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BpttDenseBackward, DenseBackwardHandler,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x [N, I]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // W [I, O]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // g [N, O]
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dx [N, I] or empty
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // dW [I, O] or empty
 
 extern "C" {
 

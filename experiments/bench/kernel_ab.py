@@ -13,7 +13,10 @@ under ``bptt_jax.use_kernels``:
   (the layout before the kernels took batch-major sequences);
 - ``--compare padded``: a batch padded past random lengths (seeded; from 1 to T),
   ``unroll(..., lengths=...)`` on the written-out kernel against the pure-JAX path
-  (``use_kernels(False)``).
+  (``use_kernels(False)``);
+- ``--compare readout`` (training): the readout's backward pass as one call of the
+  extension (oneDNN's sgemm, what ``use_kernels("fused")`` gives ``bj.readout``)
+  against XLA's products, the rest of the step on the kernels in both.
 
 The two steps run in turn, one call each per round, for ``--reps`` rounds; their medians
 and the median and quartiles of the per-round ratios to the first are printed, so that a
@@ -36,15 +39,17 @@ from .cases import (
 
 
 def compiled_step(cell: str, config: str, mode: str, *, kernels=True, time_major=False,
-                  lengths=None):
+                  lengths=None, readout_call=True):
   """``step()`` of the benchmark's bptt_jax case, traced under ``use_kernels(kernels)``;
   with ``time_major``, ``unroll`` is traced on time-major sequences with transposes around
-  it; with ``lengths``, ``unroll`` gets them."""
+  it; with ``lengths``, ``unroll`` gets them; without ``readout_call``, the readout's
+  backward pass is XLA's products."""
   import jax.numpy as jnp
 
   import bptt_jax as bj
+  from bptt_jax import _kernel
 
-  unroll = bj.unroll
+  unroll, dense_usable = bj.unroll, _kernel.dense_usable
 
   def transposed(cell, params, xs, **kwargs):
     carry, hs = unroll(cell, params, jnp.swapaxes(xs, 0, 1), time_major=True, **kwargs)
@@ -55,18 +60,24 @@ def compiled_step(cell: str, config: str, mode: str, *, kernels=True, time_major
   try:
     if time_major:
       bj.unroll = transposed
-    with bj.use_kernels(kernels):  # traced now, with the swap in place
+    if not readout_call:
+      _kernel.dense_usable = lambda x, W: False
+    with bj.use_kernels(kernels):  # traced now, with the swaps in place
       fn = case.fn.lower(case.state, case.batch).compile()
   finally:
-    bj.unroll = unroll
-  if ("bptt_fused_forward" in fn.as_text()) != bool(kernels):
+    bj.unroll, _kernel.dense_usable = unroll, dense_usable
+  text = fn.as_text()
+  if ("bptt_fused_forward" in text) != bool(kernels):
     raise SystemExit(f"{cell}/{config}: the step {'lacks' if kernels else 'has'} the kernel")
+  if mode == "train" and kernels and ("bptt_dense_backward" in text) != readout_call:
+    raise SystemExit(f"{cell}/{config}: the step {'lacks' if readout_call else 'has'} the "
+                     "readout's call")
   return jax_stepper(case, fn)
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--compare", choices=["layout", "padded"], default="layout")
+  parser.add_argument("--compare", choices=["layout", "padded", "readout"], default="layout")
   parser.add_argument("--cell", choices=["rnn", "lstm", "gru"], default="lstm")
   parser.add_argument("--config", choices=sorted({**CONFIGS, **QUICK_CONFIGS}), default="medium")
   parser.add_argument("--mode", choices=MODES, default="forward")
@@ -79,9 +90,14 @@ def main():
     raise SystemExit(f"the kernels are not available: {bptt_jax.kernels().reason}")
   step = lambda **kw: compiled_step(args.cell, args.config, args.mode, **kw)  # noqa: E731
   dims = {**CONFIGS, **QUICK_CONFIGS}[args.config]
+  if args.compare == "readout" and args.mode != "train":
+    parser.error("--compare readout times a training step (--mode train)")
   if args.compare == "layout":
     steps = {"batch-major, in place": step(kernels="fused"),
              "time-major, transposes": step(kernels="fused", time_major=True)}
+  elif args.compare == "readout":
+    steps = {"readout's call": step(kernels="fused"),
+             "XLA's products": step(kernels="fused", readout_call=False)}
   else:
     lengths = np.random.default_rng(0).integers(1, dims.T + 1, dims.B).astype(np.int32)
     steps = {"kernel, lengths": step(kernels="fused", lengths=lengths),
