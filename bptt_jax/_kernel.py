@@ -504,15 +504,24 @@ def _backward_jvp(config, primals, tangents):
   return out, t_out
 
 
+# The fewest multiply-adds (rows x I x O) for which dense's call runs: below, a call's
+# fixed cost (oneDNN's sgemm on the OpenMP threads) outweighs what it saves. Measured
+# with dense's backward pass alone against XLA's products (README): 0.75-0.97x at 0.3-1
+# million, 1.05-1.22x at 2-4 million (H x O = 64 x 8, 128 x 32, 512 x 128).
+DENSE_MIN_MACS = 1 << 21
+
+
 def dense_usable(x, W) -> bool:
   """Whether :func:`dense` runs ``x @ W`` here (decided at trace time): the written-out
   kernels are on, the extension is loaded, ``x`` ``[..., I]`` and ``W`` ``[I, O]`` are
-  float32."""
+  float32 and the product has at least ``DENSE_MIN_MACS`` multiply-adds."""
   if _family("readout") != "fused":
     return False
   if getattr(x, "dtype", None) != jnp.float32 or getattr(W, "dtype", None) != jnp.float32:
     return False
   if x.ndim < 1 or W.ndim != 2 or x.shape[-1] != W.shape[0]:
+    return False
+  if np.prod(x.shape, dtype=np.int64) * W.shape[1] < DENSE_MIN_MACS:
     return False
   return _library()[0] is not None
 

@@ -518,6 +518,12 @@ def test_calls_one_after_another_share_one_set_of_kept_buffers():
 READOUT_SHAPES = [((1,), 1, 1), ((3, 7), 13, 5), ((2, 300), 17, 3), ((64,), 40, 33)]
 
 
+@pytest.fixture
+def any_size_readout(monkeypatch):
+  """The readout's call for products of any size (by default, large ones only)."""
+  monkeypatch.setattr(_kernel, "DENSE_MIN_MACS", 0)
+
+
 def _readout_case(lead, H, O, seed=0):
   keys = jax.random.split(jax.random.key(seed), 4)
   params = {"W_hy": jax.random.normal(keys[0], (H, O)) / np.sqrt(H),
@@ -539,7 +545,7 @@ def _dense_call_results(fn, *args) -> list:
 
 @needs_kernels
 @pytest.mark.parametrize("lead,H,O", READOUT_SHAPES)
-def test_readout_backward_call_equals_the_float64_products(lead, H, O):
+def test_readout_backward_call_equals_the_float64_products(lead, H, O, any_size_readout):
   params, hs, cot = _readout_case(lead, H, O)
   grad = jax.value_and_grad(_readout_loss, argnums=(0, 1))
   assert len(_dense_call_results(grad, params, hs, cot)) == 1
@@ -553,7 +559,7 @@ def test_readout_backward_call_equals_the_float64_products(lead, H, O):
 
 
 @needs_kernels
-def test_readout_backward_call_computes_only_the_gradients_asked_for():
+def test_readout_backward_call_computes_only_the_gradients_asked_for(any_size_readout):
   params, hs, cot = _readout_case((3, 7), 13, 5)
   f32 = "tensor<{}xf32>"
   weights_only = jax.grad(_readout_loss)  # hs is data: no dx
@@ -569,7 +575,7 @@ def test_readout_backward_call_computes_only_the_gradients_asked_for():
 
 
 @needs_kernels
-def test_readout_second_derivatives_and_vmap_equal_autodiff():
+def test_readout_second_derivatives_and_vmap_equal_autodiff(any_size_readout):
   params, hs, cot = _readout_case((4, 6), 9, 7, seed=1)
   direction = _readout_case((4, 6), 9, 7, seed=2)[:2]
 
@@ -593,8 +599,8 @@ def test_readout_second_derivatives_and_vmap_equal_autodiff():
 
 
 @needs_kernels
-@pytest.mark.parametrize("case", ["off", "onednn_only", "bfloat16", "absent"])
-def test_readout_call_applies_only_where_it_can(case, monkeypatch):
+@pytest.mark.parametrize("case", ["off", "onednn_only", "bfloat16", "absent", "small"])
+def test_readout_call_applies_only_where_it_can(case, monkeypatch, any_size_readout):
   params, hs, cot = _readout_case((3, 7), 13, 5)
   grad = jax.grad(_readout_loss, argnums=(0, 1))
   with bj.use_kernels(False):
@@ -604,6 +610,8 @@ def test_readout_call_applies_only_where_it_can(case, monkeypatch):
     hs = hs.astype(jnp.bfloat16)
   if case == "absent":
     monkeypatch.setattr(_kernel, "_loaded", [(None, "simulated: the extension is absent")])
+  if case == "small":  # 3 * 7 rows * 13 * 5 multiply-adds, one short of the call's least
+    monkeypatch.setattr(_kernel, "DENSE_MIN_MACS", 3 * 7 * 13 * 5 + 1)
   with bj.use_kernels(families):
     assert "bptt_dense_backward" not in str(jax.make_jaxpr(grad)(params, hs, cot))
     if case != "bfloat16":
@@ -611,7 +619,7 @@ def test_readout_call_applies_only_where_it_can(case, monkeypatch):
 
 
 @needs_kernels
-def test_readout_forward_mode_is_refused_with_the_kernels_on():
+def test_readout_forward_mode_is_refused_with_the_kernels_on(any_size_readout):
   params, hs, _ = _readout_case((3, 7), 13, 5)
   with pytest.raises(TypeError, match="custom_vjp"):
     jax.jvp(lambda h: bj.readout(params, h), (hs,), (hs,))
@@ -619,3 +627,14 @@ def test_readout_forward_mode_is_refused_with_the_kernels_on():
     _, tangent = jax.jvp(lambda h: bj.readout(params, h), (hs,), (hs,))
   np.testing.assert_allclose(tangent, np.asarray(hs) @ np.asarray(params["W_hy"]), rtol=1e-5,
                              atol=1e-5)
+
+
+@needs_kernels
+def test_readout_call_runs_from_its_least_size_on():
+  # 2 ** 21 multiply-adds: [64, 256] x [256, 128] has them all, one row fewer does not.
+  W = jnp.zeros((256, 128))
+  uses = lambda rows: "bptt_dense_backward" in str(  # noqa: E731
+      jax.make_jaxpr(jax.grad(lambda W, x: jnp.sum(bj.readout({"W_hy": W, "b_y": jnp.zeros(
+          128)}, x))))(W, jnp.zeros((rows, 256))))
+  assert _kernel.DENSE_MIN_MACS == 64 * 256 * 128
+  assert uses(64) and not uses(63)
