@@ -505,9 +505,9 @@ def _backward_jvp(config, primals, tangents):
 
 
 # The fewest multiply-adds (rows x I x O) for which dense's call runs: below, a call's
-# fixed cost (oneDNN's sgemm on the OpenMP threads) outweighs what it saves. Measured
-# with dense's backward pass alone against XLA's products (README): 0.75-0.97x at 0.3-1
-# million, 1.05-1.22x at 2-4 million (H x O = 64 x 8, 128 x 32, 512 x 128).
+# fixed cost (oneDNN's sgemm on the OpenMP threads) outweighs what it saves. XLA's
+# products took 0.67-0.92x the call's time from 33 thousand to 1 million and 1.05-1.39x
+# from 2 million on (bench.readout_ab at H x O = 64 x 8, 128 x 32, 512 x 128; README).
 DENSE_MIN_MACS = 1 << 21
 
 

@@ -48,7 +48,7 @@ def readout(params, hs: Array) -> Array:
         f"readout expects hidden states [..., H] with H = {W.shape[0]}, got shape "
         f"{tuple(hs.shape)}"
     )
-  # With the written-out CPU kernels on, the weight gradient is oneDNN's sgemm (_kernel.dense).
+  # With the written-out CPU kernels on, the backward pass is one call (_kernel.dense).
   ys = _kernel.dense(hs, W) if _kernel.dense_usable(hs, W) else hs @ W
   return ys + jnp.reshape(params["b_y"], (1,) * (hs.ndim - 1) + (-1,))
 

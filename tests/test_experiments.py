@@ -337,3 +337,27 @@ def test_kernel_ab_times_both_steps(compare, names):
   first, second = ([float(x) for x in r.groups()[1:]] for r in rows)
   assert first[1:] == [1.0, 1.0, 1.0]  # each round's ratio to itself
   assert first[0] > 0 and second[0] > 0 and second[2] <= second[1] <= second[3]
+
+
+def test_readout_ab_times_the_call_against_xla():
+  import re
+
+  import bptt_jax
+
+  if bptt_jax.kernels().library is None:
+    pytest.skip(f"the CPU kernels are not built here: {bptt_jax.kernels().reason}")
+  proc = subprocess.run(
+      [sys.executable, "-m", "bench.readout_ab", "--hidden", "8", "--outputs", "3",
+       "--rows", "5", "40", "--reps", "3"],
+      capture_output=True, text=True, timeout=600, cwd=os.path.join(ROOT, "experiments"))
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  lines = proc.stdout.strip().splitlines()[-6:]
+  assert lines[0] == "[5, 8] x [8, 3]: 120 multiply-adds, 3 rounds", lines
+  assert lines[3] == "[40, 8] x [8, 3]: 960 multiply-adds, 3 rounds", lines
+  for first, second in (lines[1:3], lines[4:6]):
+    rows = [re.fullmatch(r"  (.+?) +median +([\d.]+) ms   ratio ([\d.]+) \[([\d.]+), ([\d.]+)\]",
+                         line) for line in (first, second)]
+    assert all(rows), lines
+    assert [r.group(1) for r in rows] == ["readout's call", "XLA's products"]
+    assert [float(x) for x in rows[0].groups()[2:]] == [1.0, 1.0, 1.0]
+    assert float(rows[1].group(2)) > 0 and float(rows[1].group(4)) <= float(rows[1].group(3))

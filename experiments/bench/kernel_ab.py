@@ -15,8 +15,9 @@ under ``bptt_jax.use_kernels``:
   ``unroll(..., lengths=...)`` on the written-out kernel against the pure-JAX path
   (``use_kernels(False)``);
 - ``--compare readout`` (training): the readout's backward pass as one call of the
-  extension (oneDNN's sgemm, what ``use_kernels("fused")`` gives ``bj.readout``)
-  against XLA's products, the rest of the step on the kernels in both.
+  extension (oneDNN's sgemm, what ``use_kernels("fused")`` gives ``bj.readout``; here
+  whatever the product's size) against XLA's products, the rest of the step on the
+  kernels in both.
 
 The two steps run in turn, one call each per round, for ``--reps`` rounds; their medians
 and the median and quartiles of the per-round ratios to the first are printed, so that a
@@ -42,14 +43,14 @@ def compiled_step(cell: str, config: str, mode: str, *, kernels=True, time_major
                   lengths=None, readout_call=True):
   """``step()`` of the benchmark's bptt_jax case, traced under ``use_kernels(kernels)``;
   with ``time_major``, ``unroll`` is traced on time-major sequences with transposes around
-  it; with ``lengths``, ``unroll`` gets them; without ``readout_call``, the readout's
-  backward pass is XLA's products."""
+  it; with ``lengths``, ``unroll`` gets them; the readout's backward pass is the
+  extension's call whatever its size, or without ``readout_call`` XLA's products."""
   import jax.numpy as jnp
 
   import bptt_jax as bj
   from bptt_jax import _kernel
 
-  unroll, dense_usable = bj.unroll, _kernel.dense_usable
+  unroll, dense_usable, least = bj.unroll, _kernel.dense_usable, _kernel.DENSE_MIN_MACS
 
   def transposed(cell, params, xs, **kwargs):
     carry, hs = unroll(cell, params, jnp.swapaxes(xs, 0, 1), time_major=True, **kwargs)
@@ -60,12 +61,13 @@ def compiled_step(cell: str, config: str, mode: str, *, kernels=True, time_major
   try:
     if time_major:
       bj.unroll = transposed
+    _kernel.DENSE_MIN_MACS = 0
     if not readout_call:
       _kernel.dense_usable = lambda x, W: False
     with bj.use_kernels(kernels):  # traced now, with the swaps in place
       fn = case.fn.lower(case.state, case.batch).compile()
   finally:
-    bj.unroll, _kernel.dense_usable = unroll, dense_usable
+    bj.unroll, _kernel.dense_usable, _kernel.DENSE_MIN_MACS = unroll, dense_usable, least
   text = fn.as_text()
   if ("bptt_fused_forward" in text) != bool(kernels):
     raise SystemExit(f"{cell}/{config}: the step {'lacks' if kernels else 'has'} the kernel")
