@@ -361,3 +361,7 @@ def test_readout_ab_times_the_call_against_xla():
     assert [r.group(1) for r in rows] == ["readout's call", "XLA's products"]
     assert [float(x) for x in rows[0].groups()[2:]] == [1.0, 1.0, 1.0]
     assert float(rows[1].group(2)) > 0 and float(rows[1].group(4)) <= float(rows[1].group(3))
+  bad = subprocess.run([sys.executable, "-m", "bench.readout_ab", "--rows", "8", "0"],
+                       capture_output=True, text=True, timeout=600,
+                       cwd=os.path.join(ROOT, "experiments"))
+  assert bad.returncode == 2 and "--rows must be positive, got 0" in bad.stderr, bad.stderr

@@ -51,14 +51,16 @@ def main():
                       help="N: positions (batch x time), one comparison each")
   parser.add_argument("--reps", type=int, default=100, help="rounds (one call of each a round)")
   args = parser.parse_args()
+  for name, values in (("rows", args.rows), ("hidden", [args.hidden]),
+                       ("outputs", [args.outputs]), ("reps", [args.reps])):
+    if min(values) < 1:
+      parser.error(f"--{name} must be positive, got {min(values)}")
 
   import bptt_jax
 
   if bptt_jax.kernels().library is None:
     raise SystemExit(f"the kernels are not available: {bptt_jax.kernels().reason}")
   for rows in args.rows:
-    if rows < 1:
-      parser.error(f"--rows must be positive, got {rows}")
     steps = {"readout's call": compiled_grad(rows, args.hidden, args.outputs, True),
              "XLA's products": compiled_grad(rows, args.hidden, args.outputs, False)}
     times = time_in_turn(steps, args.reps)
