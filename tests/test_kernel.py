@@ -233,6 +233,32 @@ def test_fused_lstm_saturates_and_carries_nan_like_the_jax_path():
 
 
 @needs_kernels
+@pytest.mark.float64
+@pytest.mark.parametrize("name", ["lstm", "gru", "rnn_tanh"])
+def test_fused_cells_keep_float32_precision_near_zero(name):
+  """Pre-activations near zero (about 1e-3, from zero states), where tanh(a) is about a:
+  the kernel's hs is the float64 JAX path's to a relative 1e-5. A tanh by 1 - 2 / (e^2a + 1)
+  alone would be off by about 1e-7 absolute there, a hundred times that. B = 17: a full
+  16-float vector of the batch and a masked one."""
+  cell, params, xs, carry, _ = _setup(name, 17, 6, 3, 24)
+  to = lambda dtype: lambda a: jnp.asarray(a, dtype)  # noqa: E731
+  params32 = jax.tree_util.tree_map(lambda a: 1e-3 * to(jnp.float32)(a), params)
+  xs32 = to(jnp.float32)(xs)
+  carry32 = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, jnp.float32), carry)
+
+  def hs_of(p, x, c):
+    return bj.unroll(cell, p, x, carry=c)[1]
+
+  with bj.use_kernels("fused"):
+    assert _uses_kernel(hs_of, params32, xs32, carry32, family="fused")
+    got = np.asarray(jax.jit(hs_of)(params32, xs32, carry32))
+  f64 = jax.tree_util.tree_map(to(jnp.float64), (params32, xs32, carry32))
+  want = np.asarray(jax.jit(hs_of)(*f64))
+  assert want.dtype == np.float64 and 1e-5 < np.median(np.abs(want)) < 1e-2
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-9)
+
+
+@needs_kernels
 def test_vmap_runs_each_sequence():
   cell, params, _, _, _ = _setup("lstm", 2, 5, 3, 6)
   xs = jax.random.normal(jax.random.key(7), (3, 2, 5, 3))  # 3 batches of [B, T, D]

@@ -114,6 +114,93 @@ inline float Tanh(float x) {
   return a < 0.625f ? small : std::copysign(big, x);
 }
 
+#if defined(__AVX512F__)
+// The same functions on 16 floats with AVX-512 intrinsics, where the auto-vectorized
+// ones above cost about 11% of the long LSTM's forward call (README): 2^n by vscalefps
+// in place of the integer conversions and the range's final select (x is clamped, so
+// e^88.38 = 3.4e38 and e^-87.34 stand for +inf and 0, which 1 / (1 + e) and 2 / (e + 1)
+// round the same), and the divisions by vrcp14ps and a Newton step (about 1 ulp more
+// than a division). NaN stays NaN: max and min return their second operand, x, for it.
+inline __m512 Exp16(__m512 x) {
+  const __m512 y = _mm512_min_ps(_mm512_set1_ps(88.3762626647949f),
+                                 _mm512_max_ps(_mm512_set1_ps(-87.3365447504019f), x));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(y, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), y);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline __m512 Reciprocal16(__m512 d) {  // 1 / d
+  const __m512 r = _mm512_rcp14_ps(d);
+  return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0f)));
+}
+
+inline __m512 Sigmoid16(__m512 x) {
+  return Reciprocal16(_mm512_add_ps(_mm512_set1_ps(1.0f), Exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+}
+
+inline __m512 Tanh16(__m512 x) {
+  const __m512 a = _mm512_abs_ps(x), s = _mm512_mul_ps(x, x);
+  __m512 p = _mm512_set1_ps(-5.70498872745e-3f);
+  p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(2.06390887954e-2f));
+  p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(-5.37397155531e-2f));
+  p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(1.33314422036e-1f));
+  p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(-3.33332819422e-1f));
+  const __m512 small = _mm512_fmadd_ps(_mm512_mul_ps(p, s), x, x);
+  const __m512 e = Exp16(_mm512_add_ps(a, a));
+  const __m512 big = _mm512_fnmadd_ps(_mm512_set1_ps(2.0f),
+                                      Reciprocal16(_mm512_add_ps(e, _mm512_set1_ps(1.0f))),
+                                      _mm512_set1_ps(1.0f));
+  const __m512 sign = _mm512_and_ps(x, _mm512_castsi512_ps(_mm512_set1_epi32(INT32_MIN)));
+  const __mmask16 below = _mm512_cmp_ps_mask(a, _mm512_set1_ps(0.625f), _CMP_LT_OQ);
+  return _mm512_mask_blend_ps(below, _mm512_or_ps(big, sign), small);
+}
+
+// The LSTM's step for one unit over the batch, in place: the gate pre-activations gi,
+// gf, gg, go [B] (plus their biases) become i, f, g, o, and c_row, h_row get the cell and
+// hidden states from c_prev. Masked loads and stores for the last B % 16.
+inline void LstmCells(float* gi, float* gf, float* gg, float* go, float bi, float bf,
+                      float bg, float bo, const float* c_prev, float* c_row, float* h_row,
+                      int64_t B) {
+  for (int64_t b = 0; b < B; b += 16) {
+    const __mmask16 m = B - b >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (B - b)) - 1);
+    const __m512 i = Sigmoid16(_mm512_add_ps(_mm512_maskz_loadu_ps(m, gi + b), _mm512_set1_ps(bi)));
+    const __m512 f = Sigmoid16(_mm512_add_ps(_mm512_maskz_loadu_ps(m, gf + b), _mm512_set1_ps(bf)));
+    const __m512 g = Tanh16(_mm512_add_ps(_mm512_maskz_loadu_ps(m, gg + b), _mm512_set1_ps(bg)));
+    const __m512 o = Sigmoid16(_mm512_add_ps(_mm512_maskz_loadu_ps(m, go + b), _mm512_set1_ps(bo)));
+    const __m512 c = _mm512_fmadd_ps(f, _mm512_maskz_loadu_ps(m, c_prev + b), _mm512_mul_ps(i, g));
+    _mm512_mask_storeu_ps(gi + b, m, i);
+    _mm512_mask_storeu_ps(gf + b, m, f);
+    _mm512_mask_storeu_ps(gg + b, m, g);
+    _mm512_mask_storeu_ps(go + b, m, o);
+    _mm512_mask_storeu_ps(c_row + b, m, c);
+    _mm512_mask_storeu_ps(h_row + b, m, _mm512_mul_ps(o, Tanh16(c)));
+  }
+}
+#else  // the same, auto-vectorized
+inline void LstmCells(float* gi, float* gf, float* gg, float* go, float bi, float bf,
+                      float bg, float bo, const float* c_prev, float* c_row, float* h_row,
+                      int64_t B) {
+#pragma omp simd
+  for (int64_t b = 0; b < B; ++b) {
+    const float i = Sigmoid(gi[b] + bi), f = Sigmoid(gf[b] + bf);
+    const float g = Tanh(gg[b] + bg), o = Sigmoid(go[b] + bo);
+    const float c = f * c_prev[b] + i * g;
+    gi[b] = i, gf[b] = f, gg[b] = g, go[b] = o;
+    c_row[b] = c;
+    h_row[b] = o * Tanh(c);
+  }
+}
+#endif
+
 // ---------------------------------------------------------------------------
 
 void Gemm(char ta, char tb, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
@@ -455,15 +542,7 @@ void Forward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, c
                       bo = bp[r0 + 3 * hb + u];
           const float* c_prev = cells + ((t % cell_steps) * H + j) * B;
           float* c_row = cells + (((t + 1) % cell_steps) * H + j) * B;
-#pragma omp simd
-          for (int64_t b = 0; b < B; ++b) {
-            const float i = Sigmoid(gi[b] + bi), f = Sigmoid(gf[b] + bf);
-            const float g = Tanh(gg[b] + bg), o = Sigmoid(go[b] + bo);
-            const float c = f * c_prev[b] + i * g;
-            gi[b] = i, gf[b] = f, gg[b] = g, go[b] = o;
-            c_row[b] = c;
-            h_row[b] = o * Tanh(c);
-          }
+          LstmCells(gi, gf, gg, go, bi, bf, bg, bo, c_prev, c_row, h_row, B);
           if (ended)  // the states of the sequences that have ended stay
             for (int64_t b = 0; b < B; ++b)
               if (on[b] == 0.0f) c_row[b] = c_prev[b], h_row[b] = h_prev[j * B + b];
