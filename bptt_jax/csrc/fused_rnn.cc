@@ -144,7 +144,8 @@ inline __m512 Reciprocal16(__m512 d) {  // 1 / d
 }
 
 inline __m512 Sigmoid16(__m512 x) {
-  return Reciprocal16(_mm512_add_ps(_mm512_set1_ps(1.0f), Exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+  const __m512 e = Exp16(_mm512_sub_ps(_mm512_setzero_ps(), x));
+  return Reciprocal16(_mm512_add_ps(_mm512_set1_ps(1.0f), e));
 }
 
 inline __m512 Tanh16(__m512 x) {
