@@ -638,12 +638,16 @@ void Backward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, 
   // U with its columns in block order, [H, G*H]: dh_{t-1}^T = U_p dgates_t.
   float* Up = static_cast<float*>(Kept(kPackedU, sizeof(float) * H * ldg));
   PackColumns(blk, G, U, Up, ldg);
-  // The step's product on panel_gemm.h: each block's rows of Up in panels, and the gate
-  // gradients it reads in two slots of column blocks, written as they are computed.
-  const int64_t dbf = BlockedFloats(GH, B);
-  float* Upn = static_cast<float*>(Kept(kPanels, sizeof(float) * PanelRows(blk, 1) * GH));
-  float* d_blocked = static_cast<float*>(Kept(kBlocked, sizeof(float) * 2 * dbf));
-  std::fill_n(d_blocked, 2 * dbf, 0.0f);  // the columns past B stay zero
+  // The step's product on panel_gemm.h, split over the gate rows: each thread multiplies
+  // its blocks' columns of Up (in panels, [H, G*hb] each) by its own gate gradients, read
+  // where the element-wise part left them, into its part of dh_{t-1} for all the units,
+  // [H, B], in one of two slots (step by step); the next step's element-wise part adds
+  // the threads' parts for its own units. A thread reads H*B floats that another wrote
+  // per step, not G*H*B gate gradients copied into column blocks that all threads read.
+  const int64_t nthr_max = omp_get_max_threads();
+  float* Upn = static_cast<float*>(Kept(kPanels, sizeof(float) * PanelFloats(H, GH)));
+  float* dh_parts = static_cast<float*>(Kept(kBlocked, sizeof(float) * 2 * nthr_max * H * B));
+  auto dh_part = [&](int64_t slot, int64_t q) { return dh_parts + (slot * nthr_max + q) * H * B; };
   // The gate gradients of a chunk of steps, [R*H, ldc], R rows per unit in block order:
   // the G gates' input-side gradients, and for the GRU a fourth row, its n gate's
   // recurrent-side one (the z and r rows serve both sides).
@@ -656,8 +660,7 @@ void Backward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, 
   float* dWt = dUt + GH * ldh;
   float* sums = dWt + GH * ldd;
   // dxs = dgates_x^T W_p: each thread's blocks' part of a chunk's rows, [tau*B, D], in two
-  // slots (chunk by chunk), summed over the threads after the next barrier.
-  const int64_t nthr_max = omp_get_max_threads();
+  // slots (chunk by chunk), summed over the threads after the step's barrier.
   float* Wp = nullptr;
   float* partials = nullptr;
   if (dxs != nullptr) {
@@ -665,6 +668,7 @@ void Backward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, 
     PackTransposed(blk, G, W, D, Wp, ldd);
     partials = static_cast<float*>(Kept(kPartials, sizeof(float) * 2 * nthr_max * tau * B * D));
   }
+  // dh_{t-1}'s direct path (dh_T to begin with, and dh0 at the end) and the LSTM's dc.
   float* dh_next = static_cast<float*>(Kept(kStateGrads, sizeof(float) * 2 * H * B));
   float* dc_next = dh_next + H * B;  // both [H, B]
   Transpose(dh_t, B, H, H, dh_next, B);
@@ -677,12 +681,29 @@ void Backward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, 
 #pragma omp single
     barrier.SetThreads(omp_get_num_threads());
     const int64_t most = (H + blk.n - 1) / blk.n + 1;
-    std::vector<float> dh_out(most * B), h_own(most * B), live(B), h_rows, x_rows;
+    std::vector<float> dh_out(most * B), h_own(most * B), live(B), dh_sum(B), h_rows, x_rows;
     const int64_t nthr = std::min<int64_t>(omp_get_num_threads(), nthr_max);
     const int64_t tid = omp_get_thread_num();
     const int64_t writers = std::min(nthr, blk.n);  // the threads with blocks
     for (int64_t k = tid; k < blk.n; k += nthr)  // this thread's blocks' panels
-      PackPanels(Up + blk.Start(k) * ldg, ldg, blk.Size(k), GH, Upn + PanelRow(blk, 1, k) * GH);
+      PackPanels(Up + G * blk.Start(k), ldg, H, G * blk.Size(k),
+                 Upn + PanelFloats(H, G * blk.Start(k)));
+    // dh_t of unit j at step t: its direct path (the dh_T row at the last step) plus the
+    // threads' parts of step t + 1's product.
+    auto dh_in = [&](int64_t t, int64_t j) -> const float* {
+      const float* row = dh_next + j * B;
+      if (t == T - 1) return row;
+      float* sum = dh_sum.data();
+      const float* part = dh_part((t + 1) % 2, 0) + j * B;
+#pragma omp simd
+      for (int64_t b = 0; b < B; ++b) sum[b] = direct ? row[b] + part[b] : part[b];
+      for (int64_t q = 1; q < writers; ++q) {
+        part = dh_part((t + 1) % 2, q) + j * B;
+#pragma omp simd
+        for (int64_t b = 0; b < B; ++b) sum[b] += part[b];
+      }
+      return sum;
+    };
     // The chunk's weight gradient products, this thread's blocks: at its first step t0
     // (the last the loop reaches).
     auto flush_chunk = [&](int64_t t0, int64_t t1) {
@@ -731,7 +752,6 @@ void Backward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, 
         }
       }
     };
-    int64_t pending = -1;  // the chunk whose dxs parts wait for the next barrier
     for (int64_t t = T - 1; t >= 0; --t) {
       const int64_t t0 = t / tau * tau, t1 = std::min(T, t0 + tau);
       for (int64_t k = tid; k < blk.n; k += nthr) {
@@ -752,7 +772,8 @@ void Backward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, 
         for (int64_t u = 0; u < hb; ++u) {
           const int64_t j = j0 + u;
           const float* dho = dh_out.data() + u * B;
-          float* dh_row = dh_next + j * B;
+          const float* dh = dh_in(t, j);
+          float* dh_row = dh_next + j * B;  // the direct path to step t - 1
           if (kind == kLstm) {
             const float* gi = st + (0 * hb + u) * B;
             const float* gf = st + (1 * hb + u) * B;
@@ -770,7 +791,7 @@ void Backward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, 
               const float i = gi[b], f = gf[b], g = gg[b], o = go[b];
               const float tc = Tanh(c_row[b]);
               const bool live_b = on[b] != 0.0f;
-              const float d = live_b ? dho[b] + dh_row[b] : dh_row[b];
+              const float d = live_b ? dho[b] + dh[b] : dh[b];
               const float dc = dc_row[b] + d * o * (1.0f - tc * tc);
               di[b] = live_b ? dc * g * i * (1.0f - i) : 0.0f;
               df[b] = live_b ? dc * c_prev[b] * f * (1.0f - f) : 0.0f;
@@ -793,13 +814,13 @@ void Backward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, 
             for (int64_t b = 0; b < B; ++b) {
               const float z = sz[b], r = sr[b], n = sn[b];
               const bool live_b = on[b] != 0.0f;
-              const float d = live_b ? dho[b] + dh_row[b] : dh_row[b];
+              const float d = live_b ? dho[b] + dh[b] : dh[b];
               const float dan = live_b ? d * (1.0f - z) * (1.0f - n * n) : 0.0f;
               const float daz = live_b ? d * (hp[b] - n) * z * (1.0f - z) : 0.0f;
               const float dar = live_b ? dan * shn[b] * r * (1.0f - r) : 0.0f;
               dz[b] = daz, dr[b] = dar, dxn[b] = dan;
               dhn[b] = live_b ? dan * r : 0.0f;
-              dh_row[b] = live_b ? d * z : d;  // the direct path; the GEMM below adds U's
+              dh_row[b] = live_b ? d * z : d;
             }
           } else {
             const float* h = h_own.data() + u * B;
@@ -808,42 +829,33 @@ void Backward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, 
 #pragma omp simd
             for (int64_t b = 0; b < B; ++b) {
               const bool live_b = on[b] != 0.0f;
-              const float d = dho[b] + dh_row[b];
+              const float d = dho[b] + dh[b];
               const float grad = tanh ? d * (1.0f - h[b] * h[b]) : (h[b] > 0.0f ? d : 0.0f);
               da[b] = live_b ? grad : 0.0f;
-              if (direct) dh_row[b] = live_b ? 0.0f : dh_row[b];
+              if (direct) dh_row[b] = live_b ? 0.0f : dh[b];
             }
           }
         }
-        // this block's recurrent-side gate gradients, for the GEMMs: the GRU's n rows its own
-        float* slot = d_blocked + (t % 2) * dbf;
-        for (int64_t r = 0; r < G * hb; ++r) {
-          const int64_t row = two && r >= 2 * hb ? r + hb : r;
-          BlockRow(dx + row * ldc, B, GH, r0 + r, slot);
+        // this block's part of dh_{t-1} for all the units: the recurrent-side gate
+        // gradients, for the GRU its z and r rows and n's own
+        const float* Ak = Upn + PanelFloats(H, G * j0);
+        float* part = dh_part(t % 2, tid);
+        const bool add = k != tid;
+        if (two) {
+          PanelGemmRange(H, B, G * hb, 0, 2 * hb, Ak, dx, ldc, add, part, B);
+          PanelGemmRange(H, B, G * hb, 2 * hb, 3 * hb, Ak, dx + 3 * hb * ldc, ldc, true, part, B);
+        } else {
+          PanelGemmRange(H, B, G * hb, 0, G * hb, Ak, dx, ldc, add, part, B);
         }
       }
+      // The chunk's rows are this thread's own, as is the slot of dxs parts it writes.
+      if (t == t0) flush_chunk(t0, t1);
       barrier.Wait();
-      if (pending >= 0) {
-        sum_partials(pending, std::min(T, pending + tau));
-        pending = -1;
-      }
-      for (int64_t k = tid; k < blk.n; k += nthr) {
-        const int64_t j0 = blk.Start(k), hb = blk.Size(k);
-        PanelGemmBlocked(hb, B, GH, Upn + PanelRow(blk, 1, k) * GH, d_blocked + (t % 2) * dbf,
-                         direct ? 1.0f : 0.0f, dh_next + j0 * B, B);
-      }
-      // No barrier: the next step's element-wise part reads only this thread's rows of
-      // dh_next and writes another step's gate gradients than the GEMMs read; a chunk's
-      // rows are this thread's own.
-      if (t == t0) {
-        flush_chunk(t0, t1);
-        if (dxs != nullptr) pending = t0;
-      }
+      if (t == t0 && dxs != nullptr) sum_partials(t0, t1);
     }
-    if (pending >= 0) {  // the first steps' dxs
-      barrier.Wait();
-      sum_partials(pending, std::min(T, pending + tau));
-    }
+    for (int64_t k = tid; k < blk.n; k += nthr)  // dh0 of these units
+      for (int64_t j = blk.Start(k); j < blk.Start(k + 1); ++j)
+        std::copy_n(dh_in(-1, j), B, dh_next + j * B);
   }
   Transpose(dh_next, H, B, B, dh0, H);
   if (kind == kLstm) Transpose(dc_next, H, B, B, dc0, H);

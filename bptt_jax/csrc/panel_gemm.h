@@ -48,15 +48,16 @@ inline void PackPanels(const float* A, int64_t lda, int64_t M, int64_t K, float*
 }
 
 #if defined(__AVX512F__)
-// C[rows, 16] (ldc; only the columns set in `mask` when kMasked) = A-panel part ap
-// [K][kMr] times b [K, 16] (ldb), added to C when `add`.
+// C[rows, 16] (ldc; only the columns set in `mask` when kMasked, and only those of b
+// read) = A-panel part ap [K][kMr] times b [K, 16] (ldb), added to C when `add`.
 template <bool kMasked>
 inline void PanelTile(int64_t K, const float* ap, const float* b, int64_t ldb, float* c,
                       int64_t ldc, int64_t rows, bool add, __mmask16 mask) {
   __m512 acc[kMr];
   for (int i = 0; i < kMr; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
-    const __m512 bk = _mm512_loadu_ps(b + k * ldb);
+    const __m512 bk = kMasked ? _mm512_maskz_loadu_ps(mask, b + k * ldb)
+                              : _mm512_loadu_ps(b + k * ldb);
     const float* ak = ap + k * kMr;
     for (int i = 0; i < kMr; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(ak[i]), bk, acc[i]);
   }
@@ -73,8 +74,8 @@ inline void PanelTile(int64_t K, const float* ap, const float* b, int64_t ldb, f
   }
 }
 #elif defined(__AVX2__) && defined(__FMA__)
-// C[rows, 16] (ldc; only the columns where the masks are set when kMasked) = A-panel
-// part ap [K][kMr] times b [K, 16] (ldb), added to C when `add`.
+// C[rows, 16] (ldc; only the columns where the masks are set when kMasked, and only
+// those of b read) = A-panel part ap [K][kMr] times b [K, 16] (ldb), added to C when `add`.
 template <bool kMasked>
 inline void PanelTile(int64_t K, const float* ap, const float* b, int64_t ldb, float* c,
                       int64_t ldc, int64_t rows, bool add, __m256i m0, __m256i m1) {
@@ -82,7 +83,8 @@ inline void PanelTile(int64_t K, const float* ap, const float* b, int64_t ldb, f
   for (int i = 0; i < kMr; ++i) c0[i] = c1[i] = _mm256_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
     const float* bk = b + k * ldb;
-    const __m256 b0 = _mm256_loadu_ps(bk), b1 = _mm256_loadu_ps(bk + 8);
+    const __m256 b0 = kMasked ? _mm256_maskload_ps(bk, m0) : _mm256_loadu_ps(bk);
+    const __m256 b1 = kMasked ? _mm256_maskload_ps(bk + 8, m1) : _mm256_loadu_ps(bk + 8);
     const float* ak = ap + k * kMr;
     for (int i = 0; i < kMr; ++i) {
       const __m256 a = _mm256_broadcast_ss(ak + i);
@@ -136,10 +138,11 @@ inline void PackB(const float* B, int64_t ldb, bool trans, int64_t N, int64_t kc
 inline int64_t BlockedFloats(int64_t K, int64_t N) { return (N + kNr - 1) / kNr * kNr * K; }
 
 // C [M, N] (ldc) = (C if add) + A's columns [k0, k0 + kc) times B's rows [k0, k0 + kc):
-// A as PackPanels left it (K columns), B's rows in blocks at Bp (block j at Bp + j *
-// stride).
+// A as PackPanels left it (K columns), B's rows in blocks of kNr columns at Bp (block j
+// at Bp + j * stride, its rows ldb apart).
 inline void PanelPass(int64_t M, int64_t N, int64_t K, int64_t k0, int64_t kc, const float* Ap,
-                      const float* Bp, int64_t stride, bool add, float* C, int64_t ldc) {
+                      const float* Bp, int64_t ldb, int64_t stride, bool add, float* C,
+                      int64_t ldc) {
   const int64_t blocks = (N + kNr - 1) / kNr;
   for (int64_t p = 0; p < M; p += kMr) {
     const float* ap = Ap + p * K + k0 * kMr;
@@ -150,24 +153,24 @@ inline void PanelPass(int64_t M, int64_t N, int64_t K, int64_t k0, int64_t kc, c
       const int64_t w = std::min(kNr, N - j * kNr);
 #if defined(__AVX512F__)
       if (w == kNr)
-        PanelTile<false>(kc, ap, bp, kNr, c, ldc, rows, add, 0xFFFF);
+        PanelTile<false>(kc, ap, bp, ldb, c, ldc, rows, add, 0xFFFF);
       else  // the last columns, stored under a mask
-        PanelTile<true>(kc, ap, bp, kNr, c, ldc, rows, add,
+        PanelTile<true>(kc, ap, bp, ldb, c, ldc, rows, add,
                         static_cast<__mmask16>((1u << w) - 1));
 #elif defined(__AVX2__) && defined(__FMA__)
       const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
       const int wi = static_cast<int>(w);
       if (w == kNr)
-        PanelTile<false>(kc, ap, bp, kNr, c, ldc, rows, add, lane, lane);
+        PanelTile<false>(kc, ap, bp, ldb, c, ldc, rows, add, lane, lane);
       else  // the last columns, stored under masks
-        PanelTile<true>(kc, ap, bp, kNr, c, ldc, rows, add,
+        PanelTile<true>(kc, ap, bp, ldb, c, ldc, rows, add,
                         _mm256_cmpgt_epi32(_mm256_set1_epi32(wi), lane),
                         _mm256_cmpgt_epi32(_mm256_set1_epi32(wi - 8), lane));
 #else
       for (int64_t i = 0; i < rows; ++i)
         for (int64_t n = 0; n < w; ++n) {
           float total = add ? c[i * ldc + n] : 0.0f;
-          for (int64_t k = 0; k < kc; ++k) total += ap[k * kMr + i] * bp[k * kNr + n];
+          for (int64_t k = 0; k < kc; ++k) total += ap[k * kMr + i] * bp[k * ldb + n];
           c[i * ldc + n] = total;
         }
 #endif
@@ -192,7 +195,8 @@ inline void PanelGemm(int64_t M, int64_t N, int64_t K, const float* Ap, const fl
   for (int64_t k0 = 0; k0 < K; k0 += kKc) {
     const int64_t kc = std::min(kKc, K - k0);
     PackB(trans ? B + k0 : B + k0 * ldb, ldb, trans, N, kc, packed.data());
-    PanelPass(M, N, K, k0, kc, Ap, packed.data(), kc * kNr, k0 > 0 || beta != 0.0f, C, ldc);
+    PanelPass(M, N, K, k0, kc, Ap, packed.data(), kNr, kc * kNr, k0 > 0 || beta != 0.0f, C,
+              ldc);
   }
 }
 
@@ -203,8 +207,20 @@ inline void PanelGemmBlocked(int64_t M, int64_t N, int64_t K, const float* Ap, c
   if (M == 0 || N == 0) return;
   if (K == 0 && beta == 0.0f) ZeroRows(M, N, C, ldc);
   for (int64_t k0 = 0; k0 < K; k0 += kKc)
-    PanelPass(M, N, K, k0, std::min(kKc, K - k0), Ap, Bp + k0 * kNr, K * kNr,
+    PanelPass(M, N, K, k0, std::min(kKc, K - k0), Ap, Bp + k0 * kNr, kNr, K * kNr,
               k0 > 0 || beta != 0.0f, C, ldc);
+}
+
+// C [M, N] (ldc) = (C if add) + A's columns [k0, k1) times B [k1 - k0, N], read where it
+// lies (row-major, ldb; only its first N columns): A as PackPanels left it (K columns).
+inline void PanelGemmRange(int64_t M, int64_t N, int64_t K, int64_t k0, int64_t k1,
+                           const float* Ap, const float* B, int64_t ldb, bool add, float* C,
+                           int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  if (k1 == k0 && !add) ZeroRows(M, N, C, ldc);
+  for (int64_t k = k0; k < k1; k += kKc)
+    PanelPass(M, N, K, k, std::min(kKc, k1 - k), Ap, B + (k - k0) * ldb, ldb, kNr,
+              add || k > k0, C, ldc);
 }
 
 // Row k of a B [K, N] in blocks (as PanelGemmBlocked reads it) = row [N].
