@@ -9,7 +9,8 @@
 // weight rows that stays the same for the whole sequence, so it is packed once per
 // call into panels of kMr rows, [K][kMr] each; B [K, N] (any row stride) is copied in
 // chunks of kKc rows into a buffer each thread keeps, in blocks of kNr columns that
-// stay in the L2 cache, and a kMr x kNr register tile runs over both: with AVX-512 one
+// stay in the L2 cache (or, PanelGemmRange, read where it lies, for a B that is already
+// there), and a kMr x kNr register tile runs over both: with AVX-512 one
 // 16-float vector per row (single-threaded, 104-113 GFLOP/s against 86-94 for the
 // AVX2 tile of two 8-float vectors per row, at the kernels' step shapes on an AMD EPYC
 // with AVX-512), else AVX2 and FMA, else plain loops.
@@ -28,7 +29,7 @@
 namespace {
 
 constexpr int64_t kMr = 6;    // rows of A per panel and register tile
-constexpr int64_t kNr = 16;   // columns of B per register tile (one 16-float or two 8-float vectors)
+constexpr int64_t kNr = 16;   // B's columns per register tile (one 16-float or two 8-float vectors)
 constexpr int64_t kKc = 256;  // rows of B per pass over the panels
 
 // Floats that PackPanels writes for M rows and K columns (the last panel padded).
