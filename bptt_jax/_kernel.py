@@ -14,9 +14,11 @@ With ``"fused"`` on, :func:`bptt_jax.readout`'s backward pass is one call as wel
 (:func:`dense`: oneDNN's sgemm for ``dx`` and ``dW``, where XLA:CPU's dot runs the
 weight gradient's shape well below the machine's peak).
 
-Both are off by default: neither measured faster than the pure-JAX fused path
-across cells and sizes (README, Performance); ``use_kernels(True)`` turns them
-on (``"fused"`` runs where both apply).
+``"fused"`` is on by default: it measured faster than the pure-JAX fused path
+for every cell, size and mode of the benchmark (README, Performance);
+``use_kernels(False)`` or ``BPTT_JAX_KERNELS=0`` turns it off, and
+``use_kernels(True)`` turns ``"rnn"`` on as well (``"fused"`` runs where both
+apply).
 
 The extension is compiled on first use (or by ``make``) with the system C++
 compiler against the oneDNN that the ``kernels`` extra installs
@@ -73,7 +75,18 @@ FAMILIES = ("fused", "rnn")
 # The cells each family covers; where several are on, the first in FAMILIES runs.
 # "readout": bj.readout's backward pass, by oneDNN's sgemm (:func:`dense`).
 _COVERS = {"fused": (*_KINDS, "readout"), "rnn": tuple(_KINDS)}
-DEFAULT = ()  # off: on the machines measured, the JAX paths were as fast or faster (README)
+DEFAULT = ("fused",)  # faster than the JAX paths for every benchmark case (README)
+# The smallest batch for which the written-out kernels run a cell: their step's products
+# take the batch as the columns of 16-float vectors, so a smaller batch leaves lanes
+# idle, and the JAX path measured faster there (README, "Small batches": the LSTM and
+# GRU 1.3-2.3x faster at B = 1 and 4 with H >= 64, 0.5-0.9x at B = 8 and 16; the RNN
+# 1.0-1.3x at B = 8, 0.7-1.0x at B = 16).
+MIN_BATCH = {"rnn_tanh": 16, "rnn_relu": 16, "lstm": 8, "gru": 8}
+# Below these sizes a written-out kernel's call runs on one thread: a step's products of
+# fewer FLOPs take less time than the threads' barrier, and a call of fewer less than
+# waking the other threads (under XLA they sleep between calls; README, "Small batches").
+PARALLEL_MIN_STEP_FLOPS = 1 << 17
+PARALLEL_MIN_CALL_FLOPS = 1 << 23
 
 
 class KernelStatus(NamedTuple):
@@ -139,7 +152,7 @@ class use_kernels:  # noqa: N801 (a function that is also a context manager)
   ``"fused"``, the written-out RNN, LSTM and GRU kernels, and ``"rnn"``,
   oneDNN's RNN primitives. Without a call,
   ``$BPTT_JAX_KERNELS`` decides (``0``, ``all`` or a comma-separated list of
-  names), else the default: off. The setting is read when a function is
+  names), else the default: ``"fused"`` on the CPU. The setting is read when a function is
   traced: a function jitted before the change keeps the path it was compiled
   with.
   """
@@ -291,8 +304,8 @@ def kernels() -> KernelStatus:
 
 def _off_reason(enabled) -> str | None:
   if not enabled:
-    return ("off: the default, use_kernels(False) or BPTT_JAX_KERNELS=0 "
-            "(bptt_jax.use_kernels(True) or BPTT_JAX_KERNELS=all turns them on)")
+    return ("off: use_kernels(False) or BPTT_JAX_KERNELS=0 (bptt_jax.use_kernels('fused') "
+            "turns the written-out kernels back on, use_kernels(True) every family)")
   if jax.default_backend() != "cpu":
     return f"the default backend is {jax.default_backend()}, not the CPU"
   if jax.device_count() != 1:
@@ -313,7 +326,8 @@ def usable(name: str, params, xs, carry, mask, batch_major: bool = False,
            lengths: bool = False) -> bool:
   """Whether a kernel runs cell ``name`` here (decided at trace time); ``batch_major``:
   on ``[B, T, D]`` inputs, and ``lengths``: with sequence lengths, both of which the
-  written-out (``"fused"``) kernels take."""
+  written-out (``"fused"``) kernels take. The written-out kernels run batches of at
+  least ``MIN_BATCH[name]`` sequences."""
   family = _family(name) if name in _KINDS else None
   if mask is not None or family is None or ((batch_major or lengths) and family != "fused"):
     return False
@@ -323,6 +337,8 @@ def usable(name: str, params, xs, carry, mask, batch_major: bool = False,
   if any(getattr(a, "dtype", None) != jnp.float32 for a in arrays):
     return False
   if xs.ndim != 3 or xs.shape[0] == 0 or xs.shape[1] == 0 or xs.shape[2] == 0:
+    return False
+  if family == "fused" and xs.shape[0 if batch_major else 1] < MIN_BATCH[name]:
     return False
   return _library()[0] is not None
 
@@ -381,7 +397,17 @@ def _forward(config, training, W, U, b, xs, h0, c0, lengths):
          jax.ShapeDtypeStruct(c0.shape, f32), jax.ShapeDtypeStruct((workspace,), jnp.uint8))
   call = jax.ffi.ffi_call(f"{target}_forward", out, vmap_method="sequential")
   return call(xs, h0, c0, W, U, b, lengths, batch_major=np.int64(batch_major),
-              kind=np.int64(kind), training=np.int64(training))
+              kind=np.int64(kind), training=np.int64(training),
+              threads=np.int64(_threads(config, T, B, D, H)))
+
+
+def _threads(config, T, B, D, H) -> int:
+  """The most threads a call splits over: 1 for the written-out kernels' small calls (below
+  ``PARALLEL_MIN_STEP_FLOPS`` a step or ``PARALLEL_MIN_CALL_FLOPS`` the call), else 0 (all)."""
+  target, kind, _ = config
+  step = 2 * B * {2: 4, 3: 3}.get(kind, 1) * H * (D + H)  # the forward step's FLOPs
+  small = step < PARALLEL_MIN_STEP_FLOPS or step * T < PARALLEL_MIN_CALL_FLOPS
+  return 1 if target == "bptt_fused" and small else 0
 
 
 def _sizes(config, xs) -> tuple:

@@ -14,13 +14,21 @@ import bptt_jax as bj
 from bptt_jax import _kernel
 
 LIBRARY, WHY = _kernel._library()
+# the defaults, before the fixture below lowers them
+DEFAULT_MIN_BATCH = dict(_kernel.MIN_BATCH)
+DEFAULT_PARALLEL = (_kernel.PARALLEL_MIN_STEP_FLOPS, _kernel.PARALLEL_MIN_CALL_FLOPS)
 needs_kernels = pytest.mark.skipif(
     LIBRARY is None, reason=f"the CPU kernels are not available here: {WHY}")
 
 
 @pytest.fixture(autouse=True)
-def all_kernels():
-  """Every kernel family on (the default leaves some off); tests turn them off where they say."""
+def all_kernels(monkeypatch):
+  """Every kernel family on (the default leaves "rnn" off) at every batch size (the
+  default sends small batches to the JAX path); tests turn them off where they say."""
+  monkeypatch.setattr(_kernel, "MIN_BATCH", dict.fromkeys(_kernel.MIN_BATCH, 1))
+  # and split over the threads however small (the default runs small calls on one)
+  monkeypatch.setattr(_kernel, "PARALLEL_MIN_STEP_FLOPS", 0)
+  monkeypatch.setattr(_kernel, "PARALLEL_MIN_CALL_FLOPS", 0)
   with bj.use_kernels(True):
     yield
 
@@ -450,7 +458,7 @@ def test_switches_and_status(monkeypatch):
   monkeypatch.setattr(_kernel, "_setting", [None])
   monkeypatch.delenv("BPTT_JAX_KERNELS", raising=False)
   assert _kernel._enabled() == _kernel.DEFAULT
-  assert _kernel.DEFAULT == ()  # off unless asked for
+  assert _kernel.DEFAULT == ("fused",)  # the written-out kernels, unless turned off
   for env, expected in (("0", ()), ("all", ("fused", "rnn")), ("rnn", ("rnn",)),
                         ("rnn,fused", ("fused", "rnn")), (" rnn ,", None)):
     if expected is None:  # an empty name in the list
@@ -514,7 +522,7 @@ from bptt_jax import _kernel
 bj.use_kernels("fused")
 cell = bj.lstm(24)
 params = cell.init(jax.random.key(0), 5)
-xs = jax.random.normal(jax.random.key(1), (3, 7, 5))
+xs = jax.random.normal(jax.random.key(1), (8, 7, 5))  # B = 8: the LSTM's least batch
 loss = jax.jit(jax.grad(lambda p: jnp.sum(bj.unroll(cell, p, xs)[1] ** 2)))
 for _ in range(6):  # one Python thread after another, each calling forward and backward
   thread = threading.Thread(target=lambda: jax.block_until_ready(loss(params)))
@@ -664,3 +672,30 @@ def test_readout_call_runs_from_its_least_size_on():
           128)}, x))))(W, jnp.zeros((rows, 256))))
   assert _kernel.DENSE_MIN_MACS == 64 * 256 * 128
   assert uses(64) and not uses(63)
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", list(CELLS))
+def test_small_batches_take_the_jax_path_by_default(name, monkeypatch):
+  monkeypatch.setattr(_kernel, "MIN_BATCH", DEFAULT_MIN_BATCH)
+  least = DEFAULT_MIN_BATCH[name]
+  for B, expected in ((least - 1, False), (least, True)):
+    cell, params, xs, carry, cot = _setup(name, B, 5, 3, 16)
+    with bj.use_kernels("fused"):
+      jaxpr = str(jax.make_jaxpr(jax.grad(_loss(cell), has_aux=True))(params, xs, carry, cot))
+    assert ("bptt_fused_forward" in jaxpr) == expected, (name, B)
+
+
+def test_small_calls_run_on_one_thread(monkeypatch):
+  # (T, B, D, H) -> the forward step's FLOPs 2 B G H (D + H), worked out by hand
+  assert DEFAULT_PARALLEL == (131072, 8388608)
+  monkeypatch.setattr(_kernel, "PARALLEL_MIN_STEP_FLOPS", DEFAULT_PARALLEL[0])
+  monkeypatch.setattr(_kernel, "PARALLEL_MIN_CALL_FLOPS", DEFAULT_PARALLEL[1])
+  lstm, gru, rnn = ("bptt_fused", 2, True), ("bptt_fused", 3, True), ("bptt_fused", 0, True)
+  assert _kernel._threads(lstm, 20, 8, 8, 32) == 1      # 81,920 a step: below the step's least
+  assert _kernel._threads(lstm, 200, 64, 128, 512) == 0  # 167.8 M a step, 33.6 G a call
+  assert _kernel._threads(gru, 10, 16, 16, 64) == 1     # 491,520 a step, 4.9 M a call
+  assert _kernel._threads(gru, 18, 16, 16, 64) == 0     # 8.85 M a call
+  assert _kernel._threads(rnn, 1000, 16, 16, 64) == 0   # 163,840 a step
+  assert _kernel._threads(("bptt_rnn", 2, False), 1, 1, 1, 8) == 0  # oneDNN splits its own
+

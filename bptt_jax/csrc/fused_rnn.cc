@@ -305,9 +305,17 @@ struct Blocks {
   }
 };
 
-int64_t BlockCount(int64_t H) {
-  // One block per thread, each of at least 8 units.
-  return std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), H / 8));
+// One block per thread, each of at least 8 units; at most `threads` blocks when it is
+// positive (bptt_jax/_kernel.py asks for one where a call is too small to share).
+int64_t BlockCount(int64_t H, int64_t threads) {
+  const int64_t most = threads > 0 ? std::min<int64_t>(threads, omp_get_max_threads())
+                                   : omp_get_max_threads();
+  return std::max<int64_t>(1, std::min<int64_t>(most, H / 8));
+}
+
+// The threads of a call's parallel regions: one per block, at most the OpenMP threads.
+int Threads(const Blocks& blk) {
+  return static_cast<int>(std::min<int64_t>(blk.n, omp_get_max_threads()));
 }
 
 // The leading dimension of a row of n floats in the kernels' own arrays: a multiple of
@@ -354,7 +362,7 @@ int64_t PanelRows(const Blocks& blk, int64_t rows) { return PanelRow(blk, rows, 
 void PackTransposed(const Blocks& blk, int64_t G, const float* W, int64_t D, float* Wp,
                     int64_t ld) {
   const int64_t H = blk.H, runs = G * blk.n;
-#pragma omp parallel for
+#pragma omp parallel for num_threads(Threads(blk))
   for (int64_t run = 0; run < runs; ++run) {
     const int64_t g = run / blk.n, k = run % blk.n;
     Transpose(W + g * H + blk.Start(k), D, blk.Size(k), G * H, Wp + RunRow(blk, G, g, k) * ld,
@@ -366,7 +374,7 @@ void PackTransposed(const Blocks& blk, int64_t G, const float* W, int64_t D, flo
 void UnpackTransposed(const Blocks& blk, int64_t G, const float* Wt, int64_t ld, int64_t K,
                       float* W) {
   const int64_t H = blk.H, runs = G * blk.n;
-#pragma omp parallel for
+#pragma omp parallel for num_threads(Threads(blk))
   for (int64_t run = 0; run < runs; ++run) {
     const int64_t g = run / blk.n, k = run % blk.n;
     Transpose(Wt + RunRow(blk, G, g, k) * ld, blk.Size(k), K, ld, W + g * H + blk.Start(k),
@@ -377,7 +385,7 @@ void UnpackTransposed(const Blocks& blk, int64_t G, const float* Wt, int64_t ld,
 // U [H, G*H] -> Up [H, ld] with the columns in block order.
 void PackColumns(const Blocks& blk, int64_t G, const float* U, float* Up, int64_t ld) {
   const int64_t H = blk.H;
-#pragma omp parallel for
+#pragma omp parallel for num_threads(Threads(blk))
   for (int64_t r = 0; r < H; ++r)
     for (int64_t g = 0; g < G; ++g)
       for (int64_t k = 0; k < blk.n; ++k)
@@ -499,9 +507,10 @@ void Forward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, c
   const bool in_saved = kind == kLstm && training;
 
   StepBarrier barrier;
-#pragma omp parallel
+#pragma omp parallel num_threads(Threads(blk))
   {
     FlushDenormals flush;
+    omp_set_num_threads(1);  // oneDNN's sgemm inside runs on this thread, in a team of one too
 #pragma omp single
     barrier.SetThreads(omp_get_num_threads());
     const int64_t most = (H + blk.n - 1) / blk.n + 1;
@@ -676,9 +685,10 @@ void Backward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, 
   if (kind == kLstm) Transpose(dc_t, B, H, H, dc_next, B);
 
   StepBarrier barrier;
-#pragma omp parallel
+#pragma omp parallel num_threads(Threads(blk))
   {
     FlushDenormals flush;
+    omp_set_num_threads(1);  // oneDNN's sgemm inside runs on this thread, in a team of one too
 #pragma omp single
     barrier.SetThreads(omp_get_num_threads());
     const int64_t most = (H + blk.n - 1) / blk.n + 1;
@@ -890,6 +900,7 @@ const int32_t* LengthsOrNone(ffi::Buffer<ffi::S32>& lengths) {
 }
 
 ffi::Error ForwardHandler(int64_t batch_major, int64_t kind, int64_t training,
+                          int64_t threads,
                           ffi::Buffer<ffi::F32> xs,
                           ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0,
                           ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> u,
@@ -900,7 +911,7 @@ ffi::Error ForwardHandler(int64_t batch_major, int64_t kind, int64_t training,
   const Shape s = ShapeOf(xs, h0, batch_major);
   if (auto err = CheckArgs("bptt_fused_forward", s, kind, lengths); err.failure()) return err;
   return Guarded("bptt_fused_forward", [&]() -> ffi::Error {
-    const Blocks blk{BlockCount(s.H), s.H};
+    const Blocks blk{BlockCount(s.H, threads), s.H};
     const int64_t floats = training ? WorkspaceFloats(kind, s.T, s.B, s.H)
                                     : InferenceFloats(kind, s.B, s.H);
     float* base;

@@ -197,7 +197,10 @@ std::unordered_map<int, memory> Args(const Plan& p, const dnnl::primitive_desc& 
   };
 }
 
-ffi::Error Forward(int64_t batch_major, int64_t kind, int64_t training, ffi::Buffer<ffi::F32> xs,
+// threads: the written-out kernels' split (bptt_jax/_kernel.py passes 0, all, here, where
+// oneDNN's primitives split the work themselves).
+ffi::Error Forward(int64_t batch_major, int64_t kind, int64_t training, int64_t /*threads*/,
+                   ffi::Buffer<ffi::F32> xs,
                    ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::F32> w,
                    ffi::Buffer<ffi::F32> u, ffi::Buffer<ffi::F32> bias,
                    ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::F32> hs,

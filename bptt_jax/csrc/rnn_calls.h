@@ -1,6 +1,6 @@
 // The two XLA FFI calls that each family of whole-sequence kernels implements:
 //
-//   forward(xs, h0, c0, W, U, bias, lengths; batch_major, kind, training)
+//   forward(xs, h0, c0, W, U, bias, lengths; batch_major, kind, training, threads)
 //       -> (hs, h_T, c_T, workspace)
 //   backward(xs, h0, c0, W, U, bias, hs, h_T, c_T, workspace, dhs, dh_T, dc_T, lengths;
 //            batch_major, kind) -> (dxs, dh0, dc0, dW, dU, dbias)
@@ -29,6 +29,7 @@ inline auto ForwardBinding() {
       .Attr<int64_t>("batch_major")
       .Attr<int64_t>("kind")
       .Attr<int64_t>("training")
+      .Attr<int64_t>("threads")  // the most threads to split over; 0: all
       .Arg<ffi::Buffer<ffi::F32>>()   // xs
       .Arg<ffi::Buffer<ffi::F32>>()   // h0
       .Arg<ffi::Buffer<ffi::F32>>()   // c0

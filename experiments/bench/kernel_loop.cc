@@ -45,7 +45,7 @@ int main(int argc, char** argv) {
   std::vector<float> hs(T * B * H), h_t(B * H), c_t(B * H), dxs(T * B * D), dh0(B * H),
       dc0(B * H), dW(D * G * H), dU(H * G * H), dbias(bias_rows * H);
   const Shape s{T, B, D, H, false};
-  const Blocks blk{BlockCount(H), H};
+  const Blocks blk{BlockCount(H, 0), H};
   std::vector<float> workspace(WorkspaceFloats(kind, T, B, H));
   float* saved = workspace.data() + kHeader;
   float* cells = saved + SavedFloats(kind, T, B, H);
