@@ -8,14 +8,16 @@ prints one JSON line; this driver pools the iterations of all rounds into a
 median and an interquartile range.
 
 Implementations (on CPU; ``unroll``'s defaults there are no hoisting, fused):
-  bptt_jax           bptt_jax.unroll defaults: the hand-written fused backward
+  bptt_jax           bptt_jax.unroll defaults: the written-out CPU kernels (where they
+                     apply), else the hand-written fused backward
   bptt_jax_bf16      the same step in mixed precision: float32 params, unroll(dtype=bfloat16)
                      (carry and activations bfloat16), readout and loss in float32
   bptt_jax_autodiff  unroll(fused=False): autodiff through lax.scan, per-step projection
   bptt_jax_hoisted   unroll(fused=False, hoist=True): one input matmul before the scan
   bptt_jax_onednn    oneDNN's whole-sequence RNN/LSTM/GRU kernels (BPTT_JAX_KERNELS=all;
                      also _malloc, and _omp1 with one OpenMP thread)
-  bptt_jax_fused     BPTT_JAX_KERNELS=0: the pure-JAX paths whatever the default
+  bptt_jax_fused     BPTT_JAX_KERNELS=0: the pure-JAX paths (the hand-written fused backward)
+  bptt_jax_kernel    BPTT_JAX_KERNELS=fused: the written-out kernels (also _malloc)
   flax               flax.linen.RNN over OptimizedLSTMCell / GRUCell / SimpleCell
   torch              torch.nn.LSTM / GRU / RNN(tanh), batch_first=True
   *_malloc           bptt_jax, flax or torch with glibc's allocator told to keep and

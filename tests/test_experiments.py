@@ -339,6 +339,31 @@ def test_kernel_ab_times_both_steps(compare, names):
   assert first[0] > 0 and second[0] > 0 and second[2] <= second[1] <= second[3]
 
 
+def test_small_batches_times_the_kernel_against_jax():
+  import re
+
+  import bptt_jax
+
+  if bptt_jax.kernels().library is None:
+    pytest.skip(f"the CPU kernels are not built here: {bptt_jax.kernels().reason}")
+  proc = subprocess.run(
+      [sys.executable, "-m", "bench.small_batches", "--cells", "gru", "--batches", "2",
+       "--hidden", "8", "24", "--inputs", "3", "--length", "5", "--reps", "3"],
+      capture_output=True, text=True, timeout=600, cwd=os.path.join(ROOT, "experiments"))
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  lines = proc.stdout.strip().splitlines()[-3:]
+  assert lines[0].startswith("train, T = 5, D = 3, 3 rounds"), lines
+  # the forward step's FLOPs 2 B G H (D + H): 2 * 2 * 3 * 8 * 11 and 2 * 2 * 3 * 24 * 27
+  for line, H, mflop in zip(lines[1:], (8, 24), ("0.001", "0.008")):
+    row = re.fullmatch(rf"  gru   B=2   H={H} +forward step +{mflop} MFLOP   jax +([\d.]+) ms"
+                       r"   kernel +([\d.]+) ms   ratio ([\d.]+)", line)
+    assert row and all(float(x) > 0 for x in row.groups()), line
+  bad = subprocess.run([sys.executable, "-m", "bench.small_batches", "--batches", "0"],
+                       capture_output=True, text=True, timeout=600,
+                       cwd=os.path.join(ROOT, "experiments"))
+  assert bad.returncode == 2 and "--batches must be positive, got 0" in bad.stderr, bad.stderr
+
+
 def test_readout_ab_times_the_call_against_xla():
   import re
 

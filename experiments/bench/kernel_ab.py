@@ -43,14 +43,16 @@ def compiled_step(cell: str, config: str, mode: str, *, kernels=True, time_major
                   lengths=None, readout_call=True):
   """``step()`` of the benchmark's bptt_jax case, traced under ``use_kernels(kernels)``;
   with ``time_major``, ``unroll`` is traced on time-major sequences with transposes around
-  it; with ``lengths``, ``unroll`` gets them; the readout's backward pass is the
-  extension's call whatever its size, or without ``readout_call`` XLA's products."""
+  it; with ``lengths``, ``unroll`` gets them; the kernel runs whatever the batch size, and
+  the readout's backward pass is the extension's call whatever its size, or without
+  ``readout_call`` XLA's products."""
   import jax.numpy as jnp
 
   import bptt_jax as bj
   from bptt_jax import _kernel
 
   unroll, dense_usable, least = bj.unroll, _kernel.dense_usable, _kernel.DENSE_MIN_MACS
+  min_batch = _kernel.MIN_BATCH
 
   def transposed(cell, params, xs, **kwargs):
     carry, hs = unroll(cell, params, jnp.swapaxes(xs, 0, 1), time_major=True, **kwargs)
@@ -62,12 +64,14 @@ def compiled_step(cell: str, config: str, mode: str, *, kernels=True, time_major
     if time_major:
       bj.unroll = transposed
     _kernel.DENSE_MIN_MACS = 0
+    _kernel.MIN_BATCH = dict.fromkeys(min_batch, 1)
     if not readout_call:
       _kernel.dense_usable = lambda x, W: False
     with bj.use_kernels(kernels):  # traced now, with the swaps in place
       fn = case.fn.lower(case.state, case.batch).compile()
   finally:
     bj.unroll, _kernel.dense_usable, _kernel.DENSE_MIN_MACS = unroll, dense_usable, least
+    _kernel.MIN_BATCH = min_batch
   text = fn.as_text()
   if ("bptt_fused_forward" in text) != bool(kernels):
     raise SystemExit(f"{cell}/{config}: the step {'lacks' if kernels else 'has'} the kernel")
