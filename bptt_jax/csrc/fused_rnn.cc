@@ -60,6 +60,11 @@
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
+#if defined(__linux__)
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include "kept.h"
 #include "panel_gemm.h"
@@ -409,14 +414,19 @@ Shape ShapeOf(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& h0, int64_t batc
 }
 
 // The barrier between the steps of a loop: the threads of one parallel region wait for
-// each other by spinning, and give the core away (yield) only after about a millisecond.
+// each other by spinning for a while, then sleep on a futex until the last one arrives.
 // libgomp's barrier spins briefly and then sleeps when it manages more threads than there
 // are cores, which under XLA it does (a team for each XLA thread that calls a kernel);
 // a sleep and a wake-up took about 20 us, as long as a small step (alone, in
 // experiments/bench/kernel_loop.cc, the small LSTM's inference call 3.3-3.8 -> 5.3-5.8 ms
-// with OMP_WAIT_POLICY=passive). Under XLA, this barrier in place of libgomp's: the small
-// LSTM's inference step 6.2-6.7 -> 4.1-5.3 ms, the long RNN's training step 229-271 ->
-// 141-151 ms (medians, two alternating runs each).
+// with OMP_WAIT_POLICY=passive). Under XLA, a spinning barrier in place of libgomp's: the
+// small LSTM's inference step 6.2-6.7 -> 4.1-5.3 ms, the long RNN's training step
+// 229-271 -> 141-151 ms (medians, two alternating runs each). But a thread that only
+// spins (and yields) holds its core when the others cannot run: with two processes on two
+// cores, each timing an LSTM's training step on the kernels (B = 32, H = 128, T = 100),
+// the step took 15x its time alone. So the spinning stops after kSpins pauses (longer
+// than the threads' usual difference at a step) and the thread sleeps: 160-177 -> 39 ms
+// in the pair, level alone (README, Threads).
 class StepBarrier {
  public:
   // Called by one thread of the region (`omp single`, whose own barrier publishes it).
@@ -425,28 +435,47 @@ class StepBarrier {
     const uint32_t generation = generation_.load(std::memory_order_acquire);
     if (arrived_.fetch_add(1, std::memory_order_acq_rel) == threads_ - 1) {
       arrived_.store(0, std::memory_order_relaxed);
-      generation_.store(generation + 1, std::memory_order_release);
+      generation_.store(generation + 1, std::memory_order_seq_cst);
+      if (sleepers_.load(std::memory_order_seq_cst) > 0) Wake();
       return;
     }
-    for (int64_t spins = 0; generation_.load(std::memory_order_acquire) == generation;) {
-      if (++spins < kSpins) {
-        Pause();
-      } else {
-        std::this_thread::yield();
-      }
+    for (int64_t spins = 0; spins < kSpins; ++spins) {
+      if (generation_.load(std::memory_order_acquire) != generation) return;
+      Pause();
     }
+    sleepers_.fetch_add(1, std::memory_order_seq_cst);
+    while (generation_.load(std::memory_order_seq_cst) == generation) Sleep(generation);
+    sleepers_.fetch_sub(1, std::memory_order_relaxed);
   }
 
  private:
-  static constexpr int64_t kSpins = 1 << 15;  // pauses: 0.5-2 ms, by the CPU
+  static constexpr int64_t kSpins = 1 << 12;  // pauses: about 60-250 us, by the CPU
   static void Pause() {
 #if defined(__x86_64__) || defined(__i386__)
     _mm_pause();
 #endif
   }
+  // Until generation_ is no longer `seen` (or a spurious wake-up): a futex wait on Linux.
+  void Sleep(uint32_t seen) {
+#if defined(__linux__)
+    syscall(SYS_futex, reinterpret_cast<uint32_t*>(&generation_), FUTEX_WAIT_PRIVATE, seen,
+            nullptr, nullptr, 0);
+#else
+    (void)seen;
+    std::this_thread::yield();
+#endif
+  }
+  void Wake() {
+#if defined(__linux__)
+    syscall(SYS_futex, reinterpret_cast<uint32_t*>(&generation_), FUTEX_WAKE_PRIVATE, INT32_MAX,
+            nullptr, nullptr, 0);
+#endif
+  }
   int threads_ = 1;
   alignas(64) std::atomic<int> arrived_{0};
   alignas(64) std::atomic<uint32_t> generation_{0};
+  static_assert(sizeof(std::atomic<uint32_t>) == sizeof(uint32_t), "a futex word");
+  std::atomic<int> sleepers_{0};
 };
 
 // Inside a parallel region: `step(t, k, j0, hb)` for t = 0 .. T-1 and each block k of
