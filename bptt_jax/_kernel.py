@@ -78,9 +78,9 @@ _COVERS = {"fused": (*_KINDS, "readout"), "rnn": tuple(_KINDS)}
 DEFAULT = ("fused",)  # faster than the JAX paths for every benchmark case (README)
 # The smallest batch for which the written-out kernels run a cell: their step's products
 # take the batch as the columns of 16-float vectors, so a smaller batch leaves lanes
-# idle, and the JAX path measured faster there (README, "Small batches": the LSTM and
-# GRU 1.3-2.3x faster at B = 1 and 4 with H >= 64, 0.5-0.9x at B = 8 and 16; the RNN
-# 1.0-1.3x at B = 8, 0.7-1.0x at B = 16).
+# idle, and the JAX path measured faster there (README, "Small batches": the kernel's
+# training step took 1.2-2.3x the JAX path's time for the LSTM and GRU at B = 1 and 4
+# with H >= 64, 0.5-1.0x at B = 8 and 16; the RNN's 0.8-1.1x at B = 8, 0.75-0.9x at 16).
 MIN_BATCH = {"rnn_tanh": 16, "rnn_relu": 16, "lstm": 8, "gru": 8}
 # Below these sizes a written-out kernel's call runs on one thread: a step's products of
 # fewer FLOPs take less time than the threads' barrier, and a call of fewer less than

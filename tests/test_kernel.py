@@ -677,13 +677,20 @@ def test_readout_call_runs_from_its_least_size_on():
 @needs_kernels
 @pytest.mark.parametrize("name", list(CELLS))
 def test_small_batches_take_the_jax_path_by_default(name, monkeypatch):
+  # The defaults throughout: the least batch, and a call this small on one thread (two
+  # blocks of 8 units otherwise), whose values and gradients equal the JAX path's.
   monkeypatch.setattr(_kernel, "MIN_BATCH", DEFAULT_MIN_BATCH)
+  monkeypatch.setattr(_kernel, "PARALLEL_MIN_STEP_FLOPS", DEFAULT_PARALLEL[0])
+  monkeypatch.setattr(_kernel, "PARALLEL_MIN_CALL_FLOPS", DEFAULT_PARALLEL[1])
   least = DEFAULT_MIN_BATCH[name]
   for B, expected in ((least - 1, False), (least, True)):
     cell, params, xs, carry, cot = _setup(name, B, 5, 3, 16)
     with bj.use_kernels("fused"):
       jaxpr = str(jax.make_jaxpr(jax.grad(_loss(cell), has_aux=True))(params, xs, carry, cot))
+      got = _run(_loss(cell), params, xs, carry, cot)
     assert ("bptt_fused_forward" in jaxpr) == expected, (name, B)
+    with bj.use_kernels(False):
+      _close(got, _run(_loss(cell), params, xs, carry, cot))
 
 
 def test_small_calls_run_on_one_thread(monkeypatch):
@@ -698,4 +705,3 @@ def test_small_calls_run_on_one_thread(monkeypatch):
   assert _kernel._threads(gru, 18, 16, 16, 64) == 0     # 8.85 M a call
   assert _kernel._threads(rnn, 1000, 16, 16, 64) == 0   # 163,840 a step
   assert _kernel._threads(("bptt_rnn", 2, False), 1, 1, 1, 8) == 0  # oneDNN splits its own
-
