@@ -22,13 +22,13 @@
 // row per gate and unit) are ordered block by block so that a thread's are contiguous.
 // Each step a thread computes its rows of the gates, transposed,
 //
-//   gates_t[rows] = W_p[rows] x_t^T + U_p[rows] h_{t-1}^T    (M = G * block, N = B)
+//   gates_t[rows] = [W_p U_p][rows] [x_t; h_{t-1}]^T    (M = G * block, N = B, K = D + H)
 //
-// with panel_gemm.h (its rows of W_p and U_p packed once per call, x_t read where it
-// lies, h_{t-1} from a copy in column blocks that the step before wrote), computes its
-// units' states, and waits for the others: one barrier per step. A product with the
-// gates as its rows runs near the machine's peak even for small B, where [B, H] x
-// [H, G*H] does not. The forward pass leaves what the backward pass reads in the
+// with panel_gemm.h (its rows of [W_p U_p] packed once per call, [x_t; h_{t-1}]^T in
+// column blocks that the step before wrote: each block its units' h_{t-1} and a share of
+// x_t's rows), computes its units' states, and waits for the others: one barrier per
+// step. A product with the gates as its rows runs near the machine's peak even for small
+// B, where [B, H] x [H, G*H] does not. The forward pass leaves what the backward pass reads in the
 // workspace, step by step ([T, S*H, B]: a step's rows of a block in one stretch, which
 // the backward pass reads in order): the LSTM's gates after their nonlinearities
 // (written over their pre-activations) and its cell states; the GRU's z, r, n and
@@ -413,6 +413,18 @@ Shape ShapeOf(ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& h0, int64_t batc
                      : Shape{x[0], x[1], x[2], h0.dimensions()[1], false};
 }
 
+// Rows [d0, d1) of x_t^T [D, B] into rows [d0, d1) of a B operand [K, B] in blocks of kNr
+// columns (as BlockRow writes them), x_t's rows read where they lie.
+void BlockInputs(const Shape& s, const float* xs, int64_t t, int64_t d0, int64_t d1, int64_t K,
+                 float* Bp) {
+  const float* x = xs + t * s.Step(s.D);
+  for (int64_t b = 0; b < s.B; ++b) {
+    const float* row = x + b * s.Row(s.D);
+    float* column = Bp + b / kNr * kNr * K + b % kNr;
+    for (int64_t d = d0; d < d1; ++d) column[d * kNr] = row[d];
+  }
+}
+
 // The barrier between the steps of a loop: the threads of one parallel region wait for
 // each other by spinning for a while, then sleep on a futex until the last one arrives.
 // libgomp's barrier spins briefly and then sleeps when it manages more threads than there
@@ -506,28 +518,30 @@ void Forward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, c
              const int32_t* lengths, float* hs, float* h_t, float* c_t, float* saved,
              float* cells, bool training) {
   const int64_t T = s.T, B = s.B, D = s.D, H = s.H, G = Gates(kind), S = Saved(kind);
-  const int64_t GH = G * H, ldd = Ld(D), ldh = Ld(H);
-  float* Wp = static_cast<float*>(Kept(kPackedW, sizeof(float) * GH * ldd));
-  float* Up = static_cast<float*>(Kept(kPackedU, sizeof(float) * GH * ldh));
+  const int64_t GH = G * H, K = D + H, ldk = Ld(K);
+  // W and U transposed side by side, [G*H, K] (rows in block order): row r holds W's
+  // column r, then U's.
+  float* WUp = static_cast<float*>(Kept(kPackedW, sizeof(float) * GH * ldk));
   float* bp = static_cast<float*>(Kept(kPackedBias, sizeof(float) * (GH + H)));
   // The hidden states transposed, [H, B], in two slots: step t reads h_{t-1} from slot
   // (t + 1) % 2 (the GRU's z h_{t-1}) and writes h_t into slot t % 2, to go to hs.
   float* h_slots = static_cast<float*>(Kept(kStateGrads, sizeof(float) * 2 * H * B));
-  // The step's products run on panel_gemm.h: each block's rows of W_p and U_p in
-  // panels, x_t read where it lies, and h_{t-1} in two slots of column blocks, which
-  // each step writes as it computes h_t.
-  const int64_t hbf = BlockedFloats(H, B);
-  float* Upn = static_cast<float*>(Kept(kPanels, sizeof(float) * PanelRows(blk, G) * H));
-  float* Wpn = static_cast<float*>(Kept(kPanelsW, sizeof(float) * PanelRows(blk, G) * D));
-  float* h_blocked = static_cast<float*>(Kept(kBlocked, sizeof(float) * 2 * hbf));
-  std::fill_n(h_blocked, 2 * hbf, 0.0f);  // the columns past B stay zero
-  PackTransposed(blk, G, W, D, Wp, ldd);
-  PackTransposed(blk, G, U, H, Up, ldh);
+  // The step's product runs on panel_gemm.h, [W_p U_p] [x_t; h_{t-1}]^T in one pass over
+  // K = D + H: each block's rows of [W_p U_p] in panels, and [x_t; h_{t-1}]^T in two slots
+  // of column blocks. Step t - 1 writes slot t's rows: each block its units' h_{t-1} as it
+  // computes them, and its share of x_t's D rows.
+  const int64_t kbf = BlockedFloats(K, B);
+  float* panels = static_cast<float*>(Kept(kPanels, sizeof(float) * PanelRows(blk, G) * K));
+  float* blocked = static_cast<float*>(Kept(kBlocked, sizeof(float) * 2 * kbf));
+  std::fill_n(blocked, 2 * kbf, 0.0f);  // the columns past B stay zero
+  PackTransposed(blk, G, W, D, WUp, ldk);
+  PackTransposed(blk, G, U, H, WUp + D, ldk);
   for (int64_t g = 0; g < G; ++g)
     for (int64_t j = 0; j < H; ++j) bp[blk.Row(G, g, j)] = bias[g * H + j];
   if (kind == kGru) std::memcpy(bp + GH, bias + GH, sizeof(float) * H);  // b_hn, in unit order
   Transpose(h0, B, H, H, h_slots + H * B, B);
-  for (int64_t j = 0; j < H; ++j) BlockRow(h_slots + H * B + j * B, B, H, j, h_blocked + hbf);
+  for (int64_t j = 0; j < H; ++j) BlockRow(h_slots + H * B + j * B, B, K, D + j, blocked + kbf);
+  BlockInputs(s, xs, 0, 0, D, K, blocked + kbf);
   if (kind == kLstm) Transpose(c0, B, H, H, cells, B);
   // A step's gates go to a small buffer, except the LSTM's in training: they go
   // straight to the step's saved rows, where their activations then replace them. In
@@ -548,8 +562,7 @@ void Forward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, c
     const int64_t nthr = omp_get_num_threads(), tid = omp_get_thread_num();
     for (int64_t k = tid; k < blk.n; k += nthr) {  // this thread's blocks' panels
       const int64_t r0 = G * blk.Start(k), rows = G * blk.Size(k), at = PanelRow(blk, G, k);
-      PackPanels(Up + r0 * ldh, ldh, rows, H, Upn + at * H);
-      PackPanels(Wp + r0 * ldd, ldd, rows, D, Wpn + at * D);
+      PackPanels(WUp + r0 * ldk, ldk, rows, K, panels + at * K);
     }
     Steps(blk, T, barrier, [&](int64_t t, int64_t k, int64_t j0, int64_t hb) {
       const int64_t r0 = G * j0, at = PanelRow(blk, G, k);
@@ -561,14 +574,15 @@ void Forward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, c
       // this block's saved rows at step t (none in inference), and its gates [G*hb, B]
       float* st = training ? saved + t * S * H * B + S * j0 * B : nullptr;
       float* gt = in_saved ? st : px.data();
-      PanelGemm(G * hb, B, D, Wpn + at * D, xs + t * s.Step(D), s.Row(D), true, 0.0f, gt,
-                B);  // W_p x_t^T
-      const float* hb_prev = h_blocked + ((t + 1) % 2) * hbf;  // U_p h_{t-1}^T
-      if (kind == kGru)  // the recurrent side apart: the reset gate scales its n block
-        PanelGemmBlocked(G * hb, B, H, Upn + at * H, hb_prev, 0.0f, ph.data(), B);
-      else
-        PanelGemmBlocked(G * hb, B, H, Upn + at * H, hb_prev, 1.0f, gt, B);
-      float* hb_next = h_blocked + (t % 2) * hbf;
+      const float* ap = panels + at * K;
+      const float* operand = blocked + ((t + 1) % 2) * kbf;  // [x_t; h_{t-1}]^T
+      if (kind == kGru) {  // the sides apart: the reset gate scales U_n h_{t-1}
+        PanelGemmBlocked(G * hb, B, K, 0, D, ap, operand, false, gt, B);
+        PanelGemmBlocked(G * hb, B, K, D, K, ap, operand, false, ph.data(), B);
+      } else {
+        PanelGemmBlocked(G * hb, B, K, 0, K, ap, operand, false, gt, B);
+      }
+      float* next = blocked + (t % 2) * kbf;  // [x_{t+1}; h_t]^T
       for (int64_t u = 0; u < hb; ++u) {
         const int64_t j = j0 + u;
         float* h_row = h_next + j * B;
@@ -627,7 +641,8 @@ void Forward(int64_t kind, const Shape& s, const Blocks& blk, const float* xs, c
               if (on[b] == 0.0f) h_row[b] = h_prev[j * B + b];
         }
       }
-      for (int64_t j = j0; j < j0 + hb; ++j) BlockRow(h_next + j * B, B, H, j, hb_next);
+      for (int64_t j = j0; j < j0 + hb; ++j) BlockRow(h_next + j * B, B, K, D + j, next);
+      if (t + 1 < T) BlockInputs(s, xs, t + 1, D * k / blk.n, D * (k + 1) / blk.n, K, next);
       Transpose(h_next + j0 * B, hb, B, B, hs + t * s.Step(H) + j0, s.Row(H));
       if (ended)
         for (int64_t b = 0; b < B; ++b)

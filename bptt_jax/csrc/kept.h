@@ -41,7 +41,6 @@ enum KeptSlot {
   kStateGrads,
   kInference,
   kPanels,           // the written-out kernels' per-step GEMM operands (panel_gemm.h)
-  kPanelsW,
   kBlocked,
   kWeightGrads,      // the written-out kernels' weight gradients, accumulated chunk by chunk
   kPartials,

@@ -7,9 +7,9 @@
 // and search a heap fragmented by XLA's buffers, which cost the long LSTM's training
 // step 16-23% (measured with the buffer cached per thread). A step's A is a block of
 // weight rows that stays the same for the whole sequence, so it is packed once per
-// call into panels of kMr rows, [K][kMr] each; B [K, N] (any row stride) is copied in
-// chunks of kKc rows into a buffer each thread keeps, in blocks of kNr columns that
-// stay in the L2 cache (or, PanelGemmRange, read where it lies, for a B that is already
+// call into panels of kMr rows, [K][kMr] each; B [K, N] is kept in blocks of kNr
+// columns, [K][kNr] each, that the kernels write as they compute its rows (BlockRow) and
+// that stay in the L2 cache (or, PanelGemmRange, read where it lies, for a B that is already
 // there), and a kMr x kNr register tile runs over both: with AVX-512 one
 // 16-float vector per row (single-threaded, 104-113 GFLOP/s against 86-94 for the
 // AVX2 tile of two 8-float vectors per row, at the kernels' step shapes on an AMD EPYC
@@ -20,7 +20,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <vector>
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
@@ -115,25 +114,6 @@ inline void PanelTile(int64_t K, const float* ap, const float* b, int64_t ldb, f
 }
 #endif
 
-// B's rows [k0, k0 + kc) -> blocks of kNr columns, block j at Bp + j * kc * kNr holding
-// [kc][kNr] (the last block's missing columns zeros): each tile then reads B in order.
-// With `trans`, B is given transposed: B^T [N, K'] row-major (ldb), and its columns
-// [0, kc) are packed.
-inline void PackB(const float* B, int64_t ldb, bool trans, int64_t N, int64_t kc, float* Bp) {
-  for (int64_t n0 = 0; n0 < N; n0 += kNr) {
-    float* block = Bp + n0 * kc;
-    const int64_t w = std::min(kNr, N - n0);
-    for (int64_t k = 0; k < kc; ++k) {
-      float* row = block + k * kNr;
-      if (trans)
-        for (int64_t n = 0; n < w; ++n) row[n] = B[(n0 + n) * ldb + k];
-      else
-        for (int64_t n = 0; n < w; ++n) row[n] = B[k * ldb + n0 + n];
-      for (int64_t n = w; n < kNr; ++n) row[n] = 0.0f;
-    }
-  }
-}
-
 // Where a product's B is in blocks of kNr columns: block j of rows [k0, k0 + kc) at
 // Bp + j * stride, [kc][kNr].
 inline int64_t BlockedFloats(int64_t K, int64_t N) { return (N + kNr - 1) / kNr * kNr * K; }
@@ -183,33 +163,16 @@ inline void ZeroRows(int64_t M, int64_t N, float* C, int64_t ldc) {
   for (int64_t m = 0; m < M; ++m) std::fill_n(C + m * ldc, N, 0.0f);
 }
 
-// C [M, N] (ldc) = A B, plus C when beta is 1 (beta is 0 or 1), with A as PackPanels
-// left it (M rows, K columns) and B [K, N] row-major with leading dimension ldb (with
-// `trans`, B^T [N, K] is).
-inline void PanelGemm(int64_t M, int64_t N, int64_t K, const float* Ap, const float* B,
-                      int64_t ldb, bool trans, float beta, float* C, int64_t ldc) {
+// C [M, N] (ldc) = (C if add) + A's columns [k0, k1) times B's rows [k0, k1), with A as
+// PackPanels left it (K columns) and B [K, N] in blocks of kNr columns, [blocks][K][kNr]
+// (as BlockRow writes it).
+inline void PanelGemmBlocked(int64_t M, int64_t N, int64_t K, int64_t k0, int64_t k1,
+                             const float* Ap, const float* Bp, bool add, float* C, int64_t ldc) {
   if (M == 0 || N == 0) return;
-  if (K == 0 && beta == 0.0f) ZeroRows(M, N, C, ldc);
-  thread_local std::vector<float> packed;  // this thread's copy of a chunk of B
-  const int64_t floats = BlockedFloats(std::min(K, kKc), N);
-  if (packed.size() < static_cast<size_t>(floats)) packed.resize(floats);
-  for (int64_t k0 = 0; k0 < K; k0 += kKc) {
-    const int64_t kc = std::min(kKc, K - k0);
-    PackB(trans ? B + k0 : B + k0 * ldb, ldb, trans, N, kc, packed.data());
-    PanelPass(M, N, K, k0, kc, Ap, packed.data(), kNr, kc * kNr, k0 > 0 || beta != 0.0f, C,
-              ldc);
-  }
-}
-
-// The same with B [K, N] already in blocks of kNr columns, [blocks][K][kNr] (as
-// BlockRow writes it).
-inline void PanelGemmBlocked(int64_t M, int64_t N, int64_t K, const float* Ap, const float* Bp,
-                             float beta, float* C, int64_t ldc) {
-  if (M == 0 || N == 0) return;
-  if (K == 0 && beta == 0.0f) ZeroRows(M, N, C, ldc);
-  for (int64_t k0 = 0; k0 < K; k0 += kKc)
-    PanelPass(M, N, K, k0, std::min(kKc, K - k0), Ap, Bp + k0 * kNr, kNr, K * kNr,
-              k0 > 0 || beta != 0.0f, C, ldc);
+  if (k1 == k0 && !add) ZeroRows(M, N, C, ldc);
+  for (int64_t k = k0; k < k1; k += kKc)
+    PanelPass(M, N, K, k, std::min(kKc, k1 - k), Ap, Bp + k * kNr, kNr, K * kNr, add || k > k0,
+              C, ldc);
 }
 
 // C [M, N] (ldc) = (C if add) + A's columns [k0, k1) times B [k1 - k0, N], read where it
