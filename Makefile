@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev,experiments,kernels]'
-	$(PY) -c "import bptt_jax; print(bptt_jax.kernels().library)"  # builds the opt-in CPU kernels
+	$(PY) -c "import bptt_jax; print(bptt_jax.kernels().library)"  # builds the CPU kernels
 	touch $(STAMP)
 
 demo: $(STAMP)
