@@ -401,11 +401,17 @@ def _forward(config, training, W, U, b, xs, h0, c0, lengths):
               threads=np.int64(_threads(config, T, B, D, H)))
 
 
+def step_flops(kind: int, B: int, D: int, H: int) -> int:
+  """The FLOPs of a forward step's products, ``2 B G H (D + H)``, for a kernel ``kind``
+  (the values of ``_KINDS``; ``G`` gates: 4 for the LSTM, 3 for the GRU, 1 for the RNN)."""
+  return 2 * B * {2: 4, 3: 3}.get(kind, 1) * H * (D + H)
+
+
 def _threads(config, T, B, D, H) -> int:
   """The most threads a call splits over: 1 for the written-out kernels' small calls (below
   ``PARALLEL_MIN_STEP_FLOPS`` a step or ``PARALLEL_MIN_CALL_FLOPS`` the call), else 0 (all)."""
   target, kind, _ = config
-  step = 2 * B * {2: 4, 3: 3}.get(kind, 1) * H * (D + H)  # the forward step's FLOPs
+  step = step_flops(kind, B, D, H)
   small = step < PARALLEL_MIN_STEP_FLOPS or step * T < PARALLEL_MIN_CALL_FLOPS
   return 1 if target == "bptt_fused" and small else 0
 

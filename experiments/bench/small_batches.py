@@ -19,7 +19,7 @@ import numpy as np
 
 from .cases import time_in_turn
 
-CELL_GATES = {"rnn": 1, "gru": 3, "lstm": 4}
+CELLS = {"rnn": "rnn_tanh", "gru": "gru", "lstm": "lstm"}  # name: the kernel's
 
 
 def compiled_step(cell_name: str, B: int, T: int, D: int, H: int, kernel: bool, train: bool):
@@ -49,7 +49,7 @@ def compiled_step(cell_name: str, B: int, T: int, D: int, H: int, kernel: bool, 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--cells", nargs="+", default=list(CELL_GATES), choices=list(CELL_GATES))
+  parser.add_argument("--cells", nargs="+", default=list(CELLS), choices=list(CELLS))
   parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8, 16], help="B")
   parser.add_argument("--hidden", type=int, nargs="+", default=[16, 64, 128], help="H")
   parser.add_argument("--inputs", type=int, default=16, help="D")
@@ -64,6 +64,7 @@ def main():
       parser.error(f"--{name} must be positive, got {min(values)}")
 
   import bptt_jax
+  from bptt_jax import _kernel
 
   status = bptt_jax.kernels()
   if status.library is None:
@@ -76,7 +77,7 @@ def main():
     times = time_in_turn({"jax": compiled_step(cell_name, B, T, D, H, False, train),
                           "kernel": compiled_step(cell_name, B, T, D, H, True, train)},
                          args.reps)
-    step_flops = 2 * B * CELL_GATES[cell_name] * H * (D + H)
+    step_flops = _kernel.step_flops(_kernel._KINDS[CELLS[cell_name]], B, D, H)
     ratio = np.median(np.array(times["kernel"]) / np.array(times["jax"]))
     print(f"  {cell_name:5s} B={B:<3d} H={H:<4d} forward step {step_flops / 1e6:6.3f} MFLOP   "
           f"jax {np.median(times['jax']):8.3f} ms   kernel {np.median(times['kernel']):8.3f} ms"
