@@ -28,12 +28,13 @@
 // column blocks that the step before wrote: each block its units' h_{t-1} and a share of
 // x_t's rows), computes its units' states, and waits for the others: one barrier per
 // step. A product with the gates as its rows runs near the machine's peak even for small
-// B, where [B, H] x [H, G*H] does not. The forward pass leaves what the backward pass reads in the
-// workspace, step by step ([T, S*H, B]: a step's rows of a block in one stretch, which
-// the backward pass reads in order): the LSTM's gates after their nonlinearities
-// (written over their pre-activations) and its cell states; the GRU's z, r, n and
-// h U_n + b_hn; nothing for the RNN (its outputs are its hidden states). In inference
-// (training = 0) nothing is saved, and the LSTM keeps the cell states of two steps only.
+// B, where [B, H] x [H, G*H] does not. The forward pass leaves what the backward pass
+// reads in the workspace, step by step ([T, S*H, B]: a step's rows of a block in one
+// stretch, which the backward pass reads in order): the LSTM's gates after their
+// nonlinearities (written over their pre-activations) and its cell states; the GRU's
+// z, r, n and h U_n + b_hn; nothing for the RNN (its outputs are its hidden states). In
+// inference (training = 0) nothing is saved, and the LSTM keeps the cell states of two
+// steps only.
 //
 // The backward pass is the same loop in reverse (dh_{t-1}^T = U_p dgates_t, one GEMM
 // per step and block). Each thread keeps its rows of the gate gradients for a chunk of

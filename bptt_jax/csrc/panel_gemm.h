@@ -8,9 +8,9 @@
 // step 16-23% (measured with the buffer cached per thread). A step's A is a block of
 // weight rows that stays the same for the whole sequence, so it is packed once per
 // call into panels of kMr rows, [K][kMr] each; B [K, N] is kept in blocks of kNr
-// columns, [K][kNr] each, that the kernels write as they compute its rows (BlockRow) and
-// that stay in the L2 cache (or, PanelGemmRange, read where it lies, for a B that is already
-// there), and a kMr x kNr register tile runs over both: with AVX-512 one
+// columns, [K][kNr] each, that the kernels write as they compute its rows (BlockRow)
+// and that stay in the L2 cache (or, PanelGemmRange, read where it lies, for a B that
+// is already there), and a kMr x kNr register tile runs over both: with AVX-512 one
 // 16-float vector per row (single-threaded, 104-113 GFLOP/s against 86-94 for the
 // AVX2 tile of two 8-float vectors per row, at the kernels' step shapes on an AMD EPYC
 // with AVX-512), else AVX2 and FMA, else plain loops.
