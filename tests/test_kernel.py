@@ -39,9 +39,11 @@ KERNELS = [(name, family) for name in CELLS for family in ("fused", "rnn")]
 TARGETS = {"rnn": "bptt_rnn_forward", "fused": "bptt_fused_forward"}
 SHAPES = [(1, 1, 2, 3), (3, 6, 4, 17), (1, 9, 1, 13), (2, 5, 16, 32)]  # B, T, D, H
 # Shapes for the written-out kernel's blocks: one block (H < 16), two even and uneven;
-# and for its backward pass's chunks of steps (256 // B steps each): B = 40 makes chunks
-# of 6 steps, T = 13 three of them, the last a single step.
-FUSED_SHAPES = [(5, 7, 3, 16), (2, 4, 6, 41), (17, 3, 2, 64), (40, 13, 3, 24)]
+# for its backward pass's chunks of steps (256 // B steps each): B = 40 makes chunks
+# of 6 steps, T = 13 three of them, the last a single step; and for the forward step's
+# product over K = D + H in passes of 256 rows: H = 264 makes two, and two for the
+# GRU's recurrent side alone (rows D to D + H).
+FUSED_SHAPES = [(5, 7, 3, 16), (2, 4, 6, 41), (17, 3, 2, 64), (40, 13, 3, 24), (3, 3, 8, 264)]
 TOL = dict(rtol=2e-5, atol=2e-6)
 
 
